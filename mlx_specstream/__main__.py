@@ -1,0 +1,3 @@
+from mlx_specstream.cli.main import main
+
+main()
