@@ -1,0 +1,262 @@
+"""Which BLAS MLX's CPU back-end calls, how fast it is, and the OpenBLAS fast path on Linux.
+
+MLX's Linux CPU wheel links a bundled *reference* BLAS (``mlx_cpu.libs/libblas-*.so``): a float32
+1024x1024 matmul runs at ~8 GFLOP/s. A system OpenBLAS exports the same CBLAS symbols, so
+preloading it (``LD_PRELOAD``) makes the dynamic linker bind MLX's ``cblas_sgemm`` to OpenBLAS
+instead (~250 GFLOP/s on the same machine), and tree verification becomes cheap.
+
+The preload has to be in the environment before the process starts, so:
+
+* the ``specstream`` command re-executes itself once with OpenBLAS preloaded
+  (:func:`maybe_reexec_with_openblas`; opt out with ``SPECSTREAM_NO_OPENBLAS=1``);
+* library users get one warning with the exact command to run (:func:`warn_if_slow_blas`).
+
+Nothing here imports MLX at module import time: the re-exec check runs before MLX is loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import dataclasses
+import glob
+import importlib.util
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+OPT_OUT_ENV = "SPECSTREAM_NO_OPENBLAS"  # "1": never re-exec, never warn
+PATH_ENV = "SPECSTREAM_OPENBLAS"  # explicit path to a libopenblas.so to preload
+# Set in the re-executed child only: guards against loops and remembers the user's LD_PRELOAD.
+_REEXEC_ENV = "_SPECSTREAM_OPENBLAS_REEXEC"
+_ORIG_PRELOAD_ENV = "_SPECSTREAM_ORIG_LD_PRELOAD"
+
+# Where distributions put a CBLAS-exporting OpenBLAS, preferred first (pthread build first:
+# the OpenMP build can fight with other OpenMP runtimes in the same process).
+OPENBLAS_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/openblas-openmp/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-openmp/libopenblas.so.0",
+    "/usr/lib64/libopenblasp.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+)
+INSTALL_HINT = "sudo apt-get install libopenblas0-pthread"  # Debian / Ubuntu
+
+_warned = False
+
+
+@dataclasses.dataclass
+class BlasInfo:
+    """What this process's BLAS looks like (see :func:`blas_info`)."""
+
+    provider: Optional[str]  # file that provides cblas_sgemm in this process (None: not loaded yet)
+    kind: str  # "openblas" | "reference" | "accelerate" | "mkl" | "other" | "unknown"
+    preloaded: bool  # an OpenBLAS is in this process's LD_PRELOAD
+    via_reexec: bool  # ... put there by the specstream command's re-exec
+    system_openblas: Optional[str]  # a system OpenBLAS that could be preloaded
+    mlx_reference_blas: Optional[str]  # the reference BLAS bundled with the MLX CPU wheel
+
+    @property
+    def fast(self) -> bool:
+        return self.kind in ("openblas", "accelerate", "mkl")
+
+
+def find_system_openblas() -> Optional[str]:
+    """Path of a system OpenBLAS shared library, or None. ``$SPECSTREAM_OPENBLAS`` wins."""
+    explicit = os.environ.get(PATH_ENV)
+    if explicit:
+        return explicit if os.path.isfile(explicit) else None
+    for path in OPENBLAS_CANDIDATES:
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def mlx_reference_blas() -> Optional[str]:
+    """The reference BLAS bundled with the ``mlx[cpu]`` Linux wheel, found without importing MLX."""
+    spec = importlib.util.find_spec("mlx")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    site = Path(list(spec.submodule_search_locations)[0]).parent
+    hits = sorted(glob.glob(str(site / "mlx_cpu.libs" / "libblas*.so*")))
+    return hits[0] if hits else None
+
+
+def _classify(path: Optional[str]) -> str:
+    if path is None:
+        return "unknown"
+    name = os.path.basename(path).lower()
+    if "openblas" in name:
+        return "openblas"
+    if "accelerate" in path.lower() or "veclib" in path.lower():
+        return "accelerate"
+    if "mkl" in name:
+        return "mkl"
+    if name.startswith("libblas") or name.startswith("libcblas"):
+        return "reference"
+    return "other"
+
+
+def _dladdr_file(address: int) -> Optional[str]:
+    class _DlInfo(ctypes.Structure):
+        _fields_ = [
+            ("dli_fname", ctypes.c_char_p),
+            ("dli_fbase", ctypes.c_void_p),
+            ("dli_sname", ctypes.c_char_p),
+            ("dli_saddr", ctypes.c_void_p),
+        ]
+
+    libdl = ctypes.CDLL(ctypes.util.find_library("dl") or None)
+    info = _DlInfo()
+    if libdl.dladdr(ctypes.c_void_p(address), ctypes.byref(info)) and info.dli_fname:
+        return os.path.realpath(info.dli_fname.decode())
+    return None
+
+
+def _symbol_provider(library: Optional[str], symbol: str = "cblas_sgemm") -> Optional[str]:
+    """File that provides ``symbol`` to ``library`` (MLX's extension module).
+
+    The dynamic linker binds a library's undefined symbols from the global scope first (the
+    executable, ``LD_PRELOAD``, ``RTLD_GLOBAL`` libraries), then from the library's own
+    dependencies: look the symbol up in that order.
+    """
+    handles = [None]
+    if library is not None:
+        handles.append(library)
+    for handle in handles:
+        try:
+            lib = ctypes.CDLL(handle, mode=os.RTLD_NOLOAD) if handle else ctypes.CDLL(None)
+            address = ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
+        except (AttributeError, OSError):
+            continue
+        if address:
+            return _dladdr_file(address)
+    return None
+
+
+def _preloaded_openblas() -> bool:
+    return any("openblas" in p.lower() for p in os.environ.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p)
+
+
+def blas_info(load_mlx: bool = True) -> BlasInfo:
+    """Describe the BLAS in use. ``load_mlx`` imports MLX first so its libraries are mapped."""
+    core = None
+    if load_mlx:
+        import mlx.core as core  # maps libmlx and its BLAS into the process
+    provider = None
+    if sys.platform.startswith("linux"):
+        provider = _symbol_provider(getattr(core, "__file__", None))
+    kind = _classify(provider)
+    if sys.platform == "darwin":
+        kind = "accelerate"  # MLX on macOS always uses Accelerate
+    return BlasInfo(
+        provider=provider,
+        kind=kind,
+        preloaded=_preloaded_openblas() or os.environ.get(_REEXEC_ENV) == "1",
+        via_reexec=os.environ.get(_REEXEC_ENV) == "1",
+        system_openblas=find_system_openblas() if sys.platform.startswith("linux") else None,
+        mlx_reference_blas=mlx_reference_blas(),
+    )
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 3, dtype: str = "float32") -> float:
+    """Best-of-``repeats`` float32 ``n x n`` matmul throughput on MLX's CPU device, in GFLOP/s."""
+    import mlx.core as mx
+
+    with mx.stream(mx.cpu):
+        a = mx.random.normal((n, n)).astype(getattr(mx, dtype))
+        b = mx.random.normal((n, n)).astype(getattr(mx, dtype))
+        mx.eval(a, b, a @ b)  # warm-up: thread pools, page faults
+        best = float("inf")
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            mx.eval(a @ b)
+            best = min(best, time.perf_counter() - start)
+    return 2.0 * n**3 / best / 1e9
+
+
+def preload_command(path: Optional[str] = None) -> str:
+    """The shell line that makes a Python process use OpenBLAS (for messages)."""
+    path = path or find_system_openblas() or OPENBLAS_CANDIDATES[0]
+    return f"export LD_PRELOAD={path}"
+
+
+def fix_hint(info: BlasInfo) -> Optional[str]:
+    """What the user should do about a slow BLAS, or None when nothing is needed."""
+    if info.fast or not sys.platform.startswith("linux") or info.mlx_reference_blas is None:
+        return None
+    if info.system_openblas is None:
+        return (
+            f"MLX is using its slow reference BLAS. Install OpenBLAS ({INSTALL_HINT}); "
+            "the specstream command then preloads it automatically."
+        )
+    return (
+        "MLX is using its slow reference BLAS (~30x slower float32 matmul). "
+        f"Run `{preload_command(info.system_openblas)}` before starting Python "
+        "(the specstream command does this by itself)."
+    )
+
+
+def _should_reexec(environ: dict[str, str], platform: str) -> Optional[str]:
+    """The OpenBLAS path to preload by re-executing, or None (pure: unit-tested)."""
+    if not platform.startswith("linux"):
+        return None
+    if environ.get(OPT_OUT_ENV, "") not in ("", "0") or environ.get(_REEXEC_ENV):
+        return None
+    if any("openblas" in p.lower() for p in environ.get("LD_PRELOAD", "").replace(" ", ":").split(":")):
+        return None
+    if mlx_reference_blas() is None:  # not the reference-BLAS CPU wheel: nothing to gain
+        return None
+    return find_system_openblas()
+
+
+def maybe_reexec_with_openblas(argv: Optional[list[str]] = None) -> None:
+    """Re-execute this process with OpenBLAS preloaded when that helps (Linux ``specstream`` only).
+
+    Called first thing by the CLI, before MLX is imported. In the re-executed child it restores
+    the user's own ``LD_PRELOAD`` in ``os.environ`` so subprocesses are not affected.
+    """
+    if os.environ.get(_REEXEC_ENV) == "1":
+        original = os.environ.pop(_ORIG_PRELOAD_ENV, None)
+        if original is None:
+            os.environ.pop("LD_PRELOAD", None)
+        else:
+            os.environ["LD_PRELOAD"] = original
+        return  # _REEXEC_ENV stays set: blas_info reports how OpenBLAS got here
+    path = _should_reexec(dict(os.environ), sys.platform)
+    if path is None:
+        return
+    env = dict(os.environ)
+    original = env.get("LD_PRELOAD")
+    if original is not None:
+        env[_ORIG_PRELOAD_ENV] = original
+    env["LD_PRELOAD"] = f"{path}:{original}" if original else path
+    env[_REEXEC_ENV] = "1"
+    args = argv if argv is not None else list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, [sys.executable, *args[1:]], env)
+    except OSError:
+        return  # could not re-exec: carry on with the slow BLAS; doctor explains
+
+
+def warn_if_slow_blas() -> None:
+    """Warn once, with the exact fix, when MLX runs on its reference BLAS (library users)."""
+    global _warned
+    if _warned or not sys.platform.startswith("linux"):
+        return
+    _warned = True
+    if os.environ.get(OPT_OUT_ENV, "") not in ("", "0"):
+        return
+    info = blas_info()
+    hint = fix_hint(info)
+    if hint is not None:
+        warnings.warn(f"{hint} Silence with {OPT_OUT_ENV}=1.", RuntimeWarning, stacklevel=3)

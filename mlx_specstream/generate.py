@@ -1,0 +1,312 @@
+"""Generation: one forward pass per step verifies the draft tree and drafts the next one.
+
+Layered like mlx-lm: ``generate_step`` yields token ids per step, ``stream_generate`` turns
+them into text segments with running statistics, ``generate`` returns the whole string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import mlx.core as mx
+
+from .cache import make_cache
+from .sampling import SamplingParams, make_sampler
+from .streams import AR_PLAN, Plan, SpecStreamModel, prefill_plan, tree_plan
+from .tree import Tree, TreeSpec, parse_tree_spec
+
+DEFAULT_TREE = "4,2,2,1"
+Prompt = Union[str, Sequence[int], Sequence[dict]]
+
+
+@dataclasses.dataclass
+class Step:
+    """What one decoding step produced."""
+
+    tokens: list[int]  # emitted this step: accepted drafts, then the bonus token
+    accepted: int  # number of draft tokens accepted (len(tokens) - 1 for a full step)
+    prefill: bool = False
+
+
+def resolve_tree(model: SpecStreamModel, tree: Optional[TreeSpec]) -> Optional[Tree]:
+    """The tree to draft with: the argument, else the model's default, else DEFAULT_TREE."""
+    if not model.num_streams:
+        return None
+    spec = tree if tree is not None else (model.spec.default_tree or DEFAULT_TREE)
+    parsed = parse_tree_spec(spec)
+    if parsed.max_depth > model.num_streams:
+        raise ValueError(
+            f"Tree {spec!r} is {parsed.max_depth} levels deep but the model has only "
+            f"{model.num_streams} speculative streams; use at most {model.num_streams} levels."
+        )
+    if parsed.size < 2:
+        raise ValueError(f"Tree {spec!r} has no draft nodes; give at least one level, e.g. '1'.")
+    return parsed
+
+
+def _accept(tokens: mx.array, chosen: mx.array, plan: Plan) -> tuple[mx.array, mx.array]:
+    """Walk the tree on the device (DESIGN.md rule 8), vectorised over nodes.
+
+    tokens ``[T]`` node tokens, chosen ``[T]`` the main stream's choice at each node.
+    A node matches if its token equals its parent's choice; it is accepted if it and all its
+    ancestors match. Siblings carry distinct tokens, so the deepest accepted node is unique.
+    Returns the index of that node and the tokens along its path ``[D + 1]``.
+    """
+    match = (tokens == chosen[plan.parent_index]) | (plan.depth_dev == 0)
+    ok = mx.all(match[None, :] | ~plan.ancestors, axis=1)
+    best = mx.argmax(mx.where(ok, plan.depth_dev, -1))
+    return best, tokens[plan.paths_dev[best]]
+
+
+def _draft(model: SpecStreamModel, stream_hidden: mx.array, plan: Plan) -> mx.array:
+    """Stream states ``[γ, h]`` of the accepted node -> draft tokens ``[T - 1]`` of the next tree."""
+    depth = plan.tree.max_depth
+    logits = model.stream_logits(stream_hidden[:depth]).astype(mx.float32)  # [D, V]
+    k = plan.width
+    if k == 1:
+        top = mx.argmax(logits, axis=-1)[:, None]
+    else:
+        part = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]
+        order = mx.argsort(-mx.take_along_axis(logits, part, axis=-1), axis=-1)
+        top = mx.take_along_axis(part, order, axis=-1)
+    return top[plan.draft_depth, plan.draft_rank].astype(mx.int32)
+
+
+def generate_step(
+    model: SpecStreamModel,
+    prompt: mx.array,
+    *,
+    max_tokens: int = 256,
+    sampling: SamplingParams = SamplingParams(),
+    tree: Optional[TreeSpec] = None,
+    speculate: bool = True,
+    prune_threshold: Optional[float] = None,
+) -> Iterator[Step]:
+    """Yield the tokens of each decoding step, the prefill's first token included.
+
+    ``prompt`` is ``[P]`` int token ids. Stops by itself after ``max_tokens`` tokens
+    (the caller may stop earlier). With ``speculate`` False, or a plain model, it is ordinary
+    autoregressive decoding through the same main-stream code path.
+    """
+    if prompt.ndim != 1 or prompt.size == 0:
+        raise ValueError("The prompt must be a non-empty 1-D sequence of token ids.")
+    sampler = make_sampler(sampling)
+    use_streams = speculate and model.num_streams > 0
+    draft_tree = resolve_tree(model, tree) if use_streams else None
+    plan = tree_plan(draft_tree, model.num_streams) if use_streams else AR_PLAN
+    if prune_threshold is None and model.spec is not None and model.spec.pruning is not None:
+        prune_threshold = model.spec.pruning.threshold
+    limit = getattr(model.base, "max_positions", None)
+    needed = prompt.size + max_tokens + plan.n_main
+    if limit is not None and needed > limit:
+        raise ValueError(
+            f"Prompt ({prompt.size} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+            f"{limit} positions; shorten the prompt or lower max_tokens."
+        )
+    extra = plan.n_main * (1 + model.num_streams) if use_streams else 1
+    cache = make_cache(model.num_layers, capacity=prompt.size + max_tokens + extra + 1)
+
+    out = model.forward(prompt[None], cache, prefill_plan(prompt.size, model.num_streams if use_streams else 0), use_streams)
+    root = sampler(out.logits[-1:])
+    drafts = _draft(model, out.stream_hidden[-1], plan) if use_streams else None
+    mx.eval(root, drafts) if drafts is not None else mx.eval(root)
+    for c in cache:
+        c.commit(None, prompt.size)
+    yield Step([root.item()], 0, prefill=True)
+
+    emitted = 1
+    msa_start = model.msa_start
+    while emitted < max_tokens:
+        if not use_streams:
+            out = model.forward(root[None], cache, AR_PLAN, streams=False)
+            root = sampler(out.logits)
+            mx.eval(root)
+            for c in cache:
+                c.commit(None, 1)
+            emitted += 1
+            yield Step([root.item()], 0)
+            continue
+
+        tokens = mx.concatenate([root, drafts])
+        out = model.forward(tokens[None], cache, plan, True, prune_threshold)
+        run = out.plan
+        if out.keep is not None:
+            tokens = tokens[mx.array(out.keep)]
+        chosen = sampler(out.logits)
+        best, path_tokens = _accept(tokens, chosen, run)
+        root = chosen[best][None]
+        drafts = _draft(model, out.stream_hidden[best], plan)
+        mx.eval(best, path_tokens, root, drafts)
+
+        b = best.item()
+        depth = int(run.depth[b])
+        path = run.paths[b, : depth + 1].tolist()
+        for i, c in enumerate(cache):
+            if out.keep is not None and i < msa_start:
+                c.commit([int(out.keep[j]) for j in path])
+            else:
+                c.commit(path)
+        step_tokens = path_tokens.tolist()[1 : depth + 1] + [root.item()]
+        emitted += len(step_tokens)
+        yield Step(step_tokens, depth)
+
+
+@dataclasses.dataclass
+class GenerationResponse:
+    """One streamed piece of output with running statistics (DESIGN.md metric conventions)."""
+
+    text: str  # new text segment
+    token_ids: list[int]  # new token ids in this response
+    accepted: list[int]  # draft tokens accepted in this step (subset of token_ids)
+    prompt_tokens: int
+    generation_tokens: int
+    decode_steps: int  # decoding forward passes so far (prefill excluded)
+    tokens_per_step: float  # decode tokens / decode steps (the call-reduction ratio)
+    decode_tokens_per_sec: float
+    prompt_tokens_per_sec: float
+    prompt_time: float
+    decode_time: float
+    peak_memory_gb: float
+    finish_reason: Optional[str] = None  # None, "stop" or "length"
+    acceptance_lengths: list[int] = dataclasses.field(default_factory=list)
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids for a string, a list of ids, or chat messages (via the chat template)."""
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt))
+    items = list(prompt)
+    if items and all(isinstance(m, dict) for m in items):
+        if not getattr(tokenizer, "has_chat_template", False):
+            raise ValueError(
+                "The prompt is a list of chat messages but this tokenizer has no chat template; "
+                "pass a plain string prompt instead."
+            )
+        return list(tokenizer.apply_chat_template(items, add_generation_prompt=True))
+    if all(isinstance(t, int) for t in items):
+        return items
+    raise ValueError("prompt must be a string, a list of token ids, or a list of chat messages.")
+
+
+def stream_generate(
+    model: SpecStreamModel,
+    tokenizer,
+    prompt: Prompt,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: Optional[int] = None,
+    tree: Optional[TreeSpec] = None,
+    speculate: bool = True,
+    stop: Optional[Sequence[str]] = None,
+    prune_threshold: Optional[float] = None,
+    eos_token_ids: Optional[Sequence[int]] = None,
+) -> Iterator[GenerationResponse]:
+    """Yield :class:`GenerationResponse` objects as text is produced; the last has ``finish_reason``."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
+    ids = encode_prompt(tokenizer, prompt)
+    if not ids:
+        raise ValueError("The prompt encodes to no tokens; give a non-empty prompt.")
+    if seed is not None:
+        mx.random.seed(seed)
+    eos = set(eos_token_ids if eos_token_ids is not None else tokenizer.eos_token_ids)
+    stops = [s for s in (stop or []) if s]
+    sampling = SamplingParams(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+
+    detok = tokenizer.detokenizer
+    detok.reset()
+    mx.reset_peak_memory()
+    text_so_far = ""
+    n_gen = decode_steps = 0
+    acceptance: list[int] = []
+    tic = time.perf_counter()
+    prompt_time = 0.0
+    decode_start = tic
+    steps = generate_step(
+        model, mx.array(ids, dtype=mx.int32), max_tokens=max_tokens, sampling=sampling,
+        tree=tree, speculate=speculate, prune_threshold=prune_threshold,
+    )
+    for step in steps:
+        now = time.perf_counter()
+        if step.prefill:
+            prompt_time = now - tic
+            decode_start = now
+        else:
+            decode_steps += 1
+            acceptance.append(step.accepted)
+        finish = None
+        new = []
+        for tok in step.tokens:
+            if tok in eos:
+                finish = "stop"
+                break
+            new.append(tok)
+            detok.add_token(tok)
+            if n_gen + len(new) >= max_tokens:
+                finish = "length"
+                break
+        n_gen += len(new) + (1 if finish == "stop" else 0)
+        if finish is not None:
+            detok.finalize()
+        segment = detok.last_segment
+        if stops and segment:
+            hit = _find_stop(text_so_far, segment, stops)
+            if hit is not None:
+                segment = (text_so_far + segment)[len(text_so_far) : max(hit, len(text_so_far))]
+                finish = "stop"
+        text_so_far += segment
+        decode_time = now - decode_start
+        decode_tokens = max(n_gen - 1, 0)
+        yield GenerationResponse(
+            text=segment,
+            token_ids=new,
+            accepted=new[: min(step.accepted, len(new))] if not step.prefill else [],
+            prompt_tokens=len(ids),
+            generation_tokens=n_gen,
+            decode_steps=decode_steps,
+            tokens_per_step=decode_tokens / decode_steps if decode_steps else 0.0,
+            decode_tokens_per_sec=decode_tokens / decode_time if decode_time > 0 else 0.0,
+            prompt_tokens_per_sec=len(ids) / prompt_time if prompt_time > 0 else 0.0,
+            prompt_time=prompt_time,
+            decode_time=decode_time,
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            finish_reason=finish,
+            acceptance_lengths=list(acceptance),
+        )
+        if finish is not None:
+            return
+    # generate_step stops at max_tokens by itself; make the ending explicit
+    detok.finalize()
+
+
+def _find_stop(done: str, segment: str, stops: Sequence[str]) -> Optional[int]:
+    """Index in ``done + segment`` where the first stop string begins, if one ends in ``segment``."""
+    text = done + segment
+    hits = []
+    for s in stops:
+        i = text.find(s, max(0, len(done) - len(s) + 1))
+        if i >= 0:
+            hits.append(i)
+    return min(hits) if hits else None
+
+
+def generate(model: SpecStreamModel, tokenizer, prompt: Prompt, verbose: bool = False, **kwargs: Any) -> str:
+    """The whole generated text; ``kwargs`` as for :func:`stream_generate`."""
+    text = ""
+    last = None
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        text += last.text
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print()
+        print(
+            f"{last.generation_tokens} tokens, {last.decode_tokens_per_sec:.1f} tokens/s, "
+            f"{last.tokens_per_step:.2f} tokens/step, peak memory {last.peak_memory_gb:.3f} GB"
+        )
+    return text

@@ -1,0 +1,265 @@
+"""Load and save model directories per the checkpoint convention (DESIGN.md).
+
+A directory holds config.json (with an optional ``speculative_streaming`` block and an
+optional ``quantization`` entry), base weights in ``model*.safetensors`` under Hugging Face
+names, the extras in ``speculative_streams.safetensors``, and tokenizer files.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import CONFIG_KEY, EXTRAS_FILE, read_config, spec_config_from
+from .models import build_model
+from .streams import SpecStreamModel
+
+PathLike = Union[str, Path]
+DEMO_DIR = Path(__file__).parent / "demo"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def default_model_path() -> Path:
+    if not (DEMO_DIR / "config.json").is_file():
+        raise FileNotFoundError(
+            "No bundled demo model in this installation; pass --model DIR (a converted model directory)."
+        )
+    return DEMO_DIR
+
+
+def resolve_model_path(path: Optional[PathLike]) -> Path:
+    if path is None:
+        return default_model_path()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"Model directory {p} does not exist; pass a converted model directory.")
+    if not p.is_dir():
+        raise NotADirectoryError(f"{p} is a file; pass the model directory that contains config.json.")
+    return p
+
+
+def quantize_base(base: nn.Module, bits: int, group_size: int, only: Optional[set[str]] = None) -> None:
+    """Quantize the base model's linear and embedding layers in place with MLX's ``nn.quantize``.
+
+    Layers whose input width is not a multiple of ``group_size`` stay in float. ``only``
+    restricts quantization to the named layers (when loading a quantized checkpoint).
+    Stream embeddings, norms and adapters live outside ``base`` and always stay in float.
+    """
+    if bits not in (4, 8) or group_size not in (32, 64, 128):
+        raise ValueError(f"Quantization must be 4 or 8 bits with group size 32, 64 or 128; got {bits}/{group_size}.")
+
+    def predicate(path: str, module: nn.Module) -> bool:
+        if not hasattr(module, "to_quantized") or not hasattr(module, "weight"):
+            return False
+        if only is not None:
+            return path in only
+        return module.weight.shape[-1] % group_size == 0
+
+    nn.quantize(base, group_size=group_size, bits=bits, class_predicate=predicate)
+
+
+def _read_weights(path: Path) -> dict[str, mx.array]:
+    files = sorted(glob.glob(str(path / "model*.safetensors")))
+    if not files:
+        raise FileNotFoundError(
+            f"No model*.safetensors weights in {path}. Convert the checkpoint first "
+            "(specstream convert --hf-path SRC --mlx-path DST)."
+        )
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        try:
+            weights.update(mx.load(f))
+        except Exception as e:  # mlx raises RuntimeError/ValueError variants for bad files
+            raise ValueError(f"Could not read weights file {f}: {e}. The file may be truncated; re-convert it.") from e
+    return weights
+
+
+def _load_strict(module: nn.Module, weights: dict[str, mx.array], what: str) -> None:
+    expected = dict(tree_flatten(module.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        if wrong:
+            parts.append(
+                "wrong shapes " + ", ".join(f"{k}: {weights[k].shape} vs {expected[k].shape}" for k in wrong[:8])
+            )
+        raise ValueError(f"{what} do not match the model config: " + "; ".join(parts) + ".")
+    module.load_weights(list(weights.items()), strict=False)
+
+
+def extras_to_module_names(model: SpecStreamModel, extras: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Canonical extras names (config.py) -> this model's parameter names."""
+    layer_prefix = _layers_prefix(model)
+    out = {}
+    for k, v in extras.items():
+        if k.startswith("stream_lora."):
+            _, idx, rest = k.split(".", 2)
+            path, leaf = rest.rsplit(".", 1)
+            out[f"base.{layer_prefix}.{idx}.{path}.{leaf}"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def extras_from_model(model: SpecStreamModel) -> dict[str, mx.array]:
+    """This model's extra parameters under the canonical names of the checkpoint convention."""
+    out = {}
+    params = dict(tree_flatten(model.parameters()))
+    for k, v in params.items():
+        if not k.startswith("base."):
+            out[k] = v
+    for name, module in model.stream_lora_modules().items():
+        out[f"stream_lora.{name}.lora_a"] = module.lora_a
+        out[f"stream_lora.{name}.lora_b"] = module.lora_b
+    return out
+
+
+def _layers_prefix(model: SpecStreamModel) -> str:
+    first = model.base.layers[0]
+    for name, module in model.base.named_modules():
+        if module is first:
+            return name.rsplit(".", 1)[0]
+    raise AssertionError("decoder layers not found in the model tree")
+
+
+def load_model(path: PathLike, dtype: Optional[str] = None) -> tuple[SpecStreamModel, dict[str, Any]]:
+    """Build the model of a directory and load its weights; returns (model, config)."""
+    path = Path(path)
+    config = read_config(path)
+    base = build_model(config)
+    spec = spec_config_from(config)
+    weights = base.sanitize(_read_weights(path))
+    quant = config.get("quantization")
+    if quant:
+        quantized = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
+        quantize_base(base, quant["bits"], quant["group_size"], only=quantized)
+    _load_strict(base, weights, f"Weights in {path}")
+    model = SpecStreamModel(base, spec)
+    if spec is not None and spec.num_streams > 0:
+        extras_file = path / EXTRAS_FILE
+        if not extras_file.is_file():
+            raise FileNotFoundError(
+                f"config.json of {path} has a '{CONFIG_KEY}' block but {EXTRAS_FILE} is missing; "
+                "re-convert the checkpoint with its stream extras."
+            )
+        model.attach_stream_lora()
+        extras = extras_to_module_names(model, mx.load(str(extras_file)))
+        expected = {k: v for k, v in tree_flatten(model.parameters()) if not k.startswith("base.") or ".lora_" in k}
+        _load_strict_subset(model, extras, expected, f"Stream extras in {extras_file}")
+    if dtype is not None:
+        cast_model(model, dtype)
+    mx.eval(model.parameters())
+    model.eval()
+    return model, config
+
+
+def _load_strict_subset(model: nn.Module, weights: dict, expected: dict, what: str) -> None:
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{what} do not match the config block: missing {missing}, unexpected {unexpected}, "
+            f"wrong shapes {wrong}."
+        )
+    model.load_weights(list(weights.items()), strict=False)
+
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def cast_model(model: nn.Module, dtype: str) -> None:
+    """Cast floating-point parameters (not quantized integers/scales) to ``dtype``."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
+    target = DTYPES[dtype]
+    params = [(k, v.astype(target)) for k, v in tree_flatten(model.parameters())
+              if mx.issubdtype(v.dtype, mx.floating) and not k.endswith((".scales", ".biases"))]
+    model.load_weights(params, strict=False)
+
+
+def load_tokenizer(path: PathLike, config: Optional[dict[str, Any]] = None):
+    """mlx-lm's TokenizerWrapper (streaming detokenizer, EOS ids, chat template)."""
+    from mlx_lm.tokenizer_utils import load as load_tok
+
+    path = Path(path)
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise FileNotFoundError(f"No tokenizer files in {path} (tokenizer.json or tokenizer.model).")
+    eos = (config or {}).get("eos_token_id")
+    return load_tok(path, eos_token_ids=eos)
+
+
+def load(path: Optional[PathLike] = None, dtype: Optional[str] = None):
+    """Load ``(model, tokenizer)`` from a model directory (the bundled demo model by default)."""
+    path = resolve_model_path(path)
+    model, config = load_model(path, dtype=dtype)
+    tokenizer = load_tokenizer(path, config)
+    return model, tokenizer
+
+
+def save_model(
+    model: SpecStreamModel,
+    config: dict[str, Any],
+    path: PathLike,
+    tokenizer_dir: Optional[PathLike] = None,
+    force: bool = False,
+    quantization: Optional[dict[str, int]] = None,
+) -> Path:
+    """Write a model directory atomically: a temporary sibling, then a rename.
+
+    An existing ``path`` is refused unless ``force``.
+    """
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} already exists; choose another path or pass force=True (--force).")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        config = dict(config)
+        if model.spec is not None:
+            config[CONFIG_KEY] = model.spec.to_dict()
+        if quantization:
+            config["quantization"] = dict(quantization)
+        base = dict(tree_flatten(model.base.parameters()))
+        base = {k.replace(".base.", "."): v for k, v in base.items() if ".lora_" not in k}
+        mx.save_safetensors(str(tmp / "model.safetensors"), base, metadata={"format": "mlx"})
+        if model.num_streams:
+            mx.save_safetensors(str(tmp / EXTRAS_FILE), extras_from_model(model), metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.is_file():
+                    shutil.copy2(src, tmp / name)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,334 @@
+"""Speculative Streaming around any model family: stream embeddings, multi-stream attention
+in the top N_s layers, the optional tree-pruning adapter and stream-only LoRA.
+
+The family model supplies ``embed``, ``layers``, ``head`` and ``rope_tables``; this module owns
+the forward pass that runs the lower layers on main-stream tokens only, inserts γ stream
+tokens per node at the input of layer ``N - N_s`` and runs the upper layers on both
+(DESIGN.md rules 2-6). Plain models (no ``speculative_streaming`` block) use the same pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .config import SpecStreamConfig
+from .models.base import Context
+from .tree import Tree, ancestor_mask, causal_mask, path_matrix, stream_layout
+
+
+class LowRankResidual(nn.Module):
+    """``x + up(down(x))`` with ``up`` zero-initialised, so it starts as the identity."""
+
+    def __init__(self, dims: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(dims, rank, bias=False)
+        self.up = nn.Linear(rank, dims, bias=False)
+        self.up.weight = mx.zeros_like(self.up.weight)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x + self.up(self.down(x))
+
+
+class StreamLoRALinear(nn.Module):
+    """A linear layer whose LoRA delta applies to stream tokens only (lossless mode).
+
+    Main-stream tokens come first in the sequence (``n_main`` of them) and see the base layer
+    alone, so the main stream stays exactly the base model's.
+    """
+
+    stream_only = True
+
+    def __init__(self, base: nn.Module, in_dims: int, out_dims: int, rank: int, scale: float):
+        super().__init__()
+        self.base = base
+        self.lora_a = mx.zeros((rank, in_dims))
+        self.lora_b = mx.zeros((out_dims, rank))
+        self.scale = scale
+
+    def __call__(self, x: mx.array, n_main: int) -> mx.array:
+        y = self.base(x)
+        if x.shape[1] == n_main:
+            return y
+        xs = x[:, n_main:]
+        delta = ((xs @ self.lora_a.T) @ self.lora_b.T) * self.scale
+        return mx.concatenate([y[:, :n_main], y[:, n_main:] + delta.astype(y.dtype)], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything a forward pass needs about the layout of its new tokens, on the device.
+
+    Built once per tree shape (and per prompt length for prefill), then reused every step.
+    ``T`` main tokens; streams for ``stream_nodes``; ``S = T + len(stream_nodes) * γ``.
+    """
+
+    tree: Optional[Tree]
+    n_main: int
+    depth: np.ndarray  # [T] host copy
+    main_mask: Optional[mx.array]  # [T, T] or None for a single token
+    main_offsets: mx.array  # [T]
+    stream_nodes: np.ndarray  # [n]
+    msa_mask: Optional[mx.array]  # [S, S]
+    msa_offsets: Optional[mx.array]  # [S]
+    # acceptance helpers (tree plans only)
+    parent_index: Optional[mx.array] = None  # [T], root -> 0
+    ancestors: Optional[mx.array] = None  # [T, T] bool
+    paths: Optional[np.ndarray] = None  # [T, D + 1] host
+    paths_dev: Optional[mx.array] = None
+    depth_dev: Optional[mx.array] = None
+    draft_depth: Optional[mx.array] = None  # [T - 1] stream index (0-based) of each draft node
+    draft_rank: Optional[mx.array] = None  # [T - 1]
+    width: int = 0
+
+
+def _plan(
+    main_mask: np.ndarray, depth: np.ndarray, stream_nodes: np.ndarray, num_streams: int, tree=None
+) -> Plan:
+    t = len(depth)
+    msa_mask = msa_offsets = None
+    if num_streams and len(stream_nodes):
+        m, o = stream_layout(main_mask, depth, stream_nodes, num_streams)
+        msa_mask, msa_offsets = mx.array(m), mx.array(o)
+    extra = {}
+    if tree is not None:
+        parents = tree.parents
+        paths = path_matrix(parents, depth)
+        extra = dict(
+            parent_index=mx.array(np.maximum(parents, 0)),
+            ancestors=mx.array(ancestor_mask(parents)),
+            paths=paths,
+            paths_dev=mx.array(paths),
+            depth_dev=mx.array(depth),
+            draft_depth=mx.array(depth[1:] - 1),
+            draft_rank=mx.array(tree.ranks[1:]),
+            width=max(tree.width(), default=0),
+        )
+    return Plan(
+        tree=tree,
+        n_main=t,
+        depth=depth,
+        main_mask=None if t == 1 else mx.array(main_mask),
+        main_offsets=mx.array(depth),
+        stream_nodes=stream_nodes,
+        msa_mask=msa_mask,
+        msa_offsets=msa_offsets,
+        **extra,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def tree_plan(tree: Tree, num_streams: int) -> Plan:
+    """Plan for one speculative step: streams on every node (any node may be accepted)."""
+    depth = tree.depth
+    return _plan(ancestor_mask(tree.parents), depth, np.arange(tree.size), num_streams, tree)
+
+
+def prefill_plan(length: int, num_streams: int) -> Plan:
+    """Plan for a prompt: causal, streams on the last token only (they draft the first tree)."""
+    nodes = np.array([length - 1]) if num_streams else np.zeros(0, dtype=np.int64)
+    return _plan(causal_mask(length), np.arange(length, dtype=np.int32), nodes, num_streams)
+
+
+AR_PLAN = _plan(np.ones((1, 1), dtype=bool), np.zeros(1, dtype=np.int32), np.zeros(0, np.int64), 0)
+
+
+def _with_prefix(mask: Optional[mx.array], offset: int) -> Optional[mx.array]:
+    """Local ``[S, S]`` mask -> ``[S, offset + S]``: every new token sees the whole committed prefix."""
+    if mask is None or offset == 0:
+        return mask
+    return mx.concatenate([mx.ones((mask.shape[0], offset), dtype=mx.bool_), mask], axis=1)
+
+
+@dataclasses.dataclass
+class StepOutput:
+    logits: mx.array  # [T, V] main-stream logits of the (kept) nodes
+    stream_hidden: Optional[mx.array]  # [n, γ, h] stream states of stream_nodes, before the head
+    plan: Plan  # the plan actually run (a pruned subtree's when pruning dropped nodes)
+    keep: Optional[np.ndarray] = None  # kept node indices of the original plan, if pruned
+
+
+class SpecStreamModel(nn.Module):
+    """A family model plus its Speculative Streaming extras (or none, for a plain model)."""
+
+    def __init__(self, base: nn.Module, spec: Optional[SpecStreamConfig] = None):
+        super().__init__()
+        self.base = base
+        self.spec = spec
+        n_layers, h = len(base.layers), base.args.hidden_size
+        if spec is not None and spec.num_streams > 0:
+            spec.validate(num_layers=n_layers)
+            self.stream_embeddings = mx.random.normal((spec.num_streams, h)) * 0.02
+            if spec.stream_init == "linear":
+                self.stream_init = LowRankResidual(h, spec.stream_init_rank)
+            if spec.pruning is not None:
+                self.pruning = LowRankResidual(h, spec.pruning.rank)
+
+    # -- structure ---------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.base.layers)
+
+    @property
+    def num_streams(self) -> int:
+        return self.spec.num_streams if self.spec is not None else 0
+
+    @property
+    def msa_start(self) -> int:
+        return self.spec.msa_start(self.num_layers) if self.num_streams else self.num_layers
+
+    @property
+    def has_pruning(self) -> bool:
+        return "pruning" in self
+
+    def attach_stream_lora(self) -> None:
+        """Wrap the targeted linears of the MSA layers (call after base weights are loaded)."""
+        lora = self.spec.stream_lora if self.spec is not None else None
+        if lora is None or not self.num_streams:
+            return
+        for i in range(self.msa_start, self.num_layers):
+            layer = self.base.layers[i]
+            found = 0
+            for path, module in list(layer.named_modules()):
+                name = path.rsplit(".", 1)[-1]
+                if name not in lora.target_modules or not hasattr(module, "weight"):
+                    continue
+                out_dims, in_dims = _linear_dims(module)
+                parent = layer
+                for part in path.split(".")[:-1]:
+                    parent = parent[part] if isinstance(parent, dict) else getattr(parent, part)
+                setattr(parent, name, StreamLoRALinear(module, in_dims, out_dims, lora.rank, lora.scale))
+                found += 1
+            if not found:
+                raise ValueError(
+                    f"stream_lora.target_modules {list(lora.target_modules)} match no linear layer "
+                    f"in decoder layer {i}; use Hugging Face names such as 'q_proj'."
+                )
+
+    def stream_lora_modules(self) -> dict[str, StreamLoRALinear]:
+        """``"{layer}.{path}" -> module`` for every stream-only LoRA linear."""
+        out = {}
+        for i in range(self.msa_start, self.num_layers):
+            for path, module in self.base.layers[i].named_modules():
+                if isinstance(module, StreamLoRALinear):
+                    out[f"{i}.{path}"] = module
+        return out
+
+    # -- forward -----------------------------------------------------------------------------
+    def head(self, h: mx.array) -> mx.array:
+        return self.base.head(h)
+
+    def stream_logits(self, stream_hidden: mx.array) -> mx.array:
+        """``[..., γ, h]`` -> ``[..., γ, V]``: same final norm and head as the main stream."""
+        return self.base.head(stream_hidden)
+
+    def pruning_logits(self, hidden: mx.array) -> mx.array:
+        """Early next-token logits from the main state at the streams' insertion point."""
+        return self.base.head(self.pruning(hidden))
+
+    def _insert_streams(self, m: mx.array, nodes: np.ndarray) -> mx.array:
+        """``M [1, T, h]`` -> stream tokens ``[1, n * γ, h]``, node-major: f(M[t]) + P[j]."""
+        src = m[:, mx.array(nodes)] if len(nodes) != m.shape[1] else m
+        if "stream_init" in self:
+            src = self.stream_init(src)
+        s = src[:, :, None, :] + self.stream_embeddings.astype(src.dtype)
+        return s.reshape(1, -1, m.shape[-1])
+
+    def forward(
+        self,
+        tokens: mx.array,
+        cache: Sequence,
+        plan: Plan,
+        streams: bool = True,
+        prune_threshold: Optional[float] = None,
+    ) -> StepOutput:
+        """Run one pass over ``tokens [1, T]`` laid out by ``plan``.
+
+        Writes the keys/values of every new token into ``cache`` (uncommitted); the caller
+        commits the accepted ones. With ``streams`` False (or a plain model) only the main
+        stream runs, through the same layers: the autoregressive baseline.
+        """
+        base, layers = self.base, self.base.layers
+        offset = cache[0].offset if cache else 0
+        streams = streams and self.num_streams > 0 and plan.msa_mask is not None
+        split = self.msa_start if streams else len(layers)
+
+        pos = plan.main_offsets + offset
+        h = base.embed(tokens, pos)
+        ctx = Context(pos, _with_prefix(plan.main_mask, offset), plan.n_main, base.rope_tables(pos))
+        for i in range(split):
+            h = layers[i](h, ctx, cache[i] if cache else None)
+        if not streams:
+            return StepOutput(base.head(h)[0], None, plan)
+
+        keep = None
+        if prune_threshold and self.has_pruning and plan.tree is not None and plan.n_main > 1:
+            keep = self._prune(h, tokens, plan, prune_threshold)
+            if keep is not None:
+                plan = tree_plan(plan.tree.subtree(keep.tolist()), self.num_streams)
+                h = h[:, mx.array(keep)]
+
+        x = mx.concatenate([h, self._insert_streams(h, plan.stream_nodes)], axis=1)
+        upos = plan.msa_offsets + offset
+        ctx = Context(upos, _with_prefix(plan.msa_mask, offset), plan.n_main, base.rope_tables(upos))
+        for i in range(split, len(layers)):
+            x = layers[i](x, ctx, cache[i] if cache else None)
+        t = plan.n_main
+        stream_h = x[0, t:].reshape(len(plan.stream_nodes), self.num_streams, -1)
+        return StepOutput(base.head(x[:, :t])[0], stream_h, plan, keep)
+
+    def _prune(self, h: mx.array, tokens: mx.array, plan: Plan, threshold: float) -> Optional[np.ndarray]:
+        """Drop children whose early parent->child probability is below ``threshold``."""
+        logp = nn.log_softmax(self.pruning_logits(h[0]).astype(mx.float32), axis=-1)
+        child_p = mx.exp(logp[plan.parent_index[1:], tokens[0, 1:]])
+        probs = np.array(child_p)
+        parents = plan.tree.parents
+        kept = np.ones(plan.n_main, dtype=bool)
+        for i in range(1, plan.n_main):
+            kept[i] = kept[parents[i]] and probs[i - 1] >= threshold
+        if kept.all():
+            return None
+        return np.flatnonzero(kept)
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        """Whole-sequence main-stream logits ``[B, T] -> [B, T, V]`` (no cache), for checks."""
+        out = []
+        plan = prefill_plan(tokens.shape[1], 0)
+        for row in tokens:
+            out.append(self.forward(row[None], [], plan, streams=False).logits)
+        return mx.stack(out)
+
+    def all_logits(self, tokens: mx.array) -> tuple[mx.array, mx.array, Optional[mx.array]]:
+        """Reference pass over ``tokens [1, T]`` with streams on every position.
+
+        Returns main ``[T, V]``, stream ``[T, γ, V]`` and pruning ``[T, V]`` (or None) logits,
+        the quantities a trainer computes in parallel over a sequence.
+        """
+        t = tokens.shape[1]
+        plan = _plan(causal_mask(t), np.arange(t, dtype=np.int32), np.arange(t), self.num_streams)
+        base, layers = self.base, self.base.layers
+        pos = plan.main_offsets
+        h = base.embed(tokens, pos)
+        ctx = Context(pos, plan.main_mask, t, base.rope_tables(pos))
+        for i in range(self.msa_start):
+            h = layers[i](h, ctx, None)
+        prune = self.pruning_logits(h[0]) if self.has_pruning else None
+        x = mx.concatenate([h, self._insert_streams(h, plan.stream_nodes)], axis=1)
+        ctx = Context(plan.msa_offsets, plan.msa_mask, t, base.rope_tables(plan.msa_offsets))
+        for i in range(self.msa_start, len(layers)):
+            x = layers[i](x, ctx, None)
+        stream_h = x[0, t:].reshape(t, self.num_streams, -1)
+        return base.head(x[:, :t])[0], self.stream_logits(stream_h), prune
+
+
+def _linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a float or quantized linear layer."""
+    w = module.weight
+    if "scales" in module:
+        return w.shape[0], module.scales.shape[-1] * module.group_size
+    return w.shape[0], w.shape[1]
