@@ -17,7 +17,7 @@ from .sampling import SamplingParams, make_sampler
 from .streams import AR_PLAN, Plan, SpecStreamModel, prefill_plan, tree_plan
 from .tree import Tree, TreeSpec, parse_tree_spec
 
-DEFAULT_TREE = "4,2,2,1"
+DEFAULT_TREE = (4, 2, 2, 1)  # per-depth top-k, cut to the model's number of streams
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
 
@@ -34,7 +34,9 @@ def resolve_tree(model: SpecStreamModel, tree: Optional[TreeSpec]) -> Optional[T
     """The tree to draft with: the argument, else the model's default, else DEFAULT_TREE."""
     if not model.num_streams:
         return None
-    spec = tree if tree is not None else (model.spec.default_tree or DEFAULT_TREE)
+    spec = tree if tree is not None else model.spec.default_tree
+    if spec is None:
+        spec = list(DEFAULT_TREE[: model.num_streams])
     parsed = parse_tree_spec(spec)
     if parsed.max_depth > model.num_streams:
         raise ValueError(
@@ -83,12 +85,14 @@ def generate_step(
     tree: Optional[TreeSpec] = None,
     speculate: bool = True,
     prune_threshold: Optional[float] = None,
+    cache: Optional[list] = None,
 ) -> Iterator[Step]:
     """Yield the tokens of each decoding step, the prefill's first token included.
 
     ``prompt`` is ``[P]`` int token ids. Stops by itself after ``max_tokens`` tokens
     (the caller may stop earlier). With ``speculate`` False, or a plain model, it is ordinary
-    autoregressive decoding through the same main-stream code path.
+    autoregressive decoding through the same main-stream code path. ``cache``: an empty
+    list to receive the per-layer caches (for inspection); a fresh one is made otherwise.
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("The prompt must be a non-empty 1-D sequence of token ids.")
@@ -106,7 +110,10 @@ def generate_step(
             f"{limit} positions; shorten the prompt or lower max_tokens."
         )
     extra = plan.n_main * (1 + model.num_streams) if use_streams else 1
-    cache = make_cache(model.num_layers, capacity=prompt.size + max_tokens + extra + 1)
+    layers_cache = make_cache(model.num_layers, capacity=prompt.size + max_tokens + extra + 1)
+    if cache is not None:
+        cache.extend(layers_cache)
+    cache = layers_cache
 
     out = model.forward(prompt[None], cache, prefill_plan(prompt.size, model.num_streams if use_streams else 0), use_streams)
     root = sampler(out.logits[-1:])

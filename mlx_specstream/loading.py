@@ -175,6 +175,7 @@ def load_model(path: PathLike, dtype: Optional[str] = None) -> tuple[SpecStreamM
         cast_model(model, dtype)
     mx.eval(model.parameters())
     model.eval()
+    model.config = config  # plain dict (prompt template, ids); not a parameter
     return model, config
 
 

@@ -232,12 +232,12 @@ class SpecStreamModel(nn.Module):
         return self.base.head(self.pruning(hidden))
 
     def _insert_streams(self, m: mx.array, nodes: np.ndarray) -> mx.array:
-        """``M [1, T, h]`` -> stream tokens ``[1, n * γ, h]``, node-major: f(M[t]) + P[j]."""
+        """``M [B, T, h]`` -> stream tokens ``[B, n * γ, h]``, node-major: f(M[t]) + P[j]."""
         src = m[:, mx.array(nodes)] if len(nodes) != m.shape[1] else m
         if "stream_init" in self:
             src = self.stream_init(src)
         s = src[:, :, None, :] + self.stream_embeddings.astype(src.dtype)
-        return s.reshape(1, -1, m.shape[-1])
+        return s.reshape(m.shape[0], -1, m.shape[-1])
 
     def forward(
         self,
@@ -303,27 +303,34 @@ class SpecStreamModel(nn.Module):
             out.append(self.forward(row[None], [], plan, streams=False).logits)
         return mx.stack(out)
 
-    def all_logits(self, tokens: mx.array) -> tuple[mx.array, mx.array, Optional[mx.array]]:
-        """Reference pass over ``tokens [1, T]`` with streams on every position.
+    def all_logits(
+        self, tokens: mx.array, stream_delta: Optional[mx.array] = None
+    ) -> tuple[mx.array, mx.array, Optional[mx.array]]:
+        """Reference pass over ``tokens [B, T]`` with streams on every position (no cache).
 
-        Returns main ``[T, V]``, stream ``[T, γ, V]`` and pruning ``[T, V]`` (or None) logits,
-        the quantities a trainer computes in parallel over a sequence.
+        Returns main ``[B, T, V]``, stream ``[B, T, γ, V]`` and pruning ``[B, T, V]`` (or None)
+        logits: what a trainer computes in parallel over a sequence. ``stream_delta``
+        ``[B, T, γ, h]`` is added to the stream tokens where they are inserted (visibility tests).
         """
-        t = tokens.shape[1]
-        plan = _plan(causal_mask(t), np.arange(t, dtype=np.int32), np.arange(t), self.num_streams)
+        b, t = tokens.shape
+        g = self.num_streams
+        plan = _plan(causal_mask(t), np.arange(t, dtype=np.int32), np.arange(t), g)
         base, layers = self.base, self.base.layers
         pos = plan.main_offsets
         h = base.embed(tokens, pos)
         ctx = Context(pos, plan.main_mask, t, base.rope_tables(pos))
         for i in range(self.msa_start):
             h = layers[i](h, ctx, None)
-        prune = self.pruning_logits(h[0]) if self.has_pruning else None
-        x = mx.concatenate([h, self._insert_streams(h, plan.stream_nodes)], axis=1)
+        prune = self.pruning_logits(h) if self.has_pruning else None
+        streams = self._insert_streams(h, plan.stream_nodes)
+        if stream_delta is not None:
+            streams = streams + stream_delta.reshape(streams.shape)
+        x = mx.concatenate([h, streams], axis=1)
         ctx = Context(plan.msa_offsets, plan.msa_mask, t, base.rope_tables(plan.msa_offsets))
         for i in range(self.msa_start, len(layers)):
             x = layers[i](x, ctx, None)
-        stream_h = x[0, t:].reshape(t, self.num_streams, -1)
-        return base.head(x[:, :t])[0], self.stream_logits(stream_h), prune
+        stream_h = x[:, t:].reshape(b, t, g, -1)
+        return base.head(x[:, :t]), self.stream_logits(stream_h), prune
 
 
 def _linear_dims(module: nn.Module) -> tuple[int, int]:

@@ -1,0 +1,117 @@
+"""Cache compaction against a full recomputation, and multi-stream attention visibility."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from _support import chain, markov_model, run_tokens
+
+from mlx_specstream.cache import KVCache, make_cache
+from mlx_specstream.config import PruningConfig, SpecStreamConfig
+from mlx_specstream.streams import prefill_plan
+from mlx_specstream.testing import FAMILIES, random_model, tiny_config
+
+
+def test_commit_gathers_accepted_entries():
+    cache = KVCache()
+    k = mx.arange(2 * 5 * 3, dtype=mx.float32).reshape(1, 2, 5, 3)
+    cache.update_and_fetch(k[:, :, :2], k[:, :, :2])
+    cache.commit(None, 2)
+    keys, _ = cache.update_and_fetch(k[:, :, 2:], k[:, :, 2:])
+    assert keys.shape[2] == 5
+    cache.commit([0, 2])  # keep new entries 0 and 2 (absolute 2 and 4)
+    assert cache.offset == 4
+    got = np.array(cache.keys[..., :4, :])
+    np.testing.assert_array_equal(got, np.array(k[:, :, [0, 1, 2, 4]]))
+
+
+def test_buffer_not_reallocated_per_step():
+    model, perm = markov_model("llama")
+    cache: list = []
+    prompt = chain(perm, 1, 4)
+    seen = set()
+    from mlx_specstream.generate import generate_step
+
+    for i, _ in enumerate(generate_step(model, mx.array(prompt), max_tokens=300, tree="2,2,1", cache=cache)):
+        seen.add(cache[0].keys.shape[2])
+    assert len(seen) == 1  # preallocated once for prompt + max_tokens + tree
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "phi"])
+def test_committed_cache_equals_recomputation(family):
+    model, perm = markov_model(family)
+    prompt = chain(perm, 5, 6)
+    cache: list = []
+    from mlx_specstream.generate import generate_step
+
+    steps = list(generate_step(model, mx.array(prompt), max_tokens=80, tree="2,2,1", cache=cache))
+    assert sum(s.accepted for s in steps) > 0
+    tokens = prompt + [t for s in steps for t in s.tokens]
+    committed = cache[0].offset
+    assert committed == len(tokens) - 1  # the last emitted token is the next root, not yet cached
+    ref = make_cache(model.num_layers)
+    model.forward(mx.array(tokens[:committed])[None], ref, prefill_plan(committed, 0), streams=False)
+    for got, want in zip(cache, ref):
+        np.testing.assert_allclose(
+            np.array(got.keys[..., :committed, :]), np.array(want.keys[..., :committed, :]), atol=1e-4
+        )
+        np.testing.assert_allclose(
+            np.array(got.values[..., :committed, :]), np.array(want.values[..., :committed, :]), atol=1e-4
+        )
+
+
+def _model(family):
+    spec = SpecStreamConfig(num_streams=3, num_msa_layers=2, pruning=PruningConfig(rank=4))
+    return random_model(tiny_config(family), spec, seed=7)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stream_visibility(family):
+    model = _model(family)
+    g, h = model.num_streams, model.base.args.hidden_size
+    tokens = mx.array([[3, 9, 27, 81, 243, 17, 51]])
+    t = tokens.shape[1]
+    main, streams, prune = model.all_logits(tokens)
+
+    # later positions: changing tokens after position 3 leaves positions <= 3 untouched
+    changed = mx.array([[3, 9, 27, 81, 5, 6, 7]])
+    main2, streams2, prune2 = model.all_logits(changed)
+    np.testing.assert_allclose(np.array(main2[:, :4]), np.array(main[:, :4]), atol=1e-5)
+    np.testing.assert_allclose(np.array(streams2[:, :4]), np.array(streams[:, :4]), atol=1e-5)
+    np.testing.assert_allclose(np.array(prune2[:, :4]), np.array(prune[:, :4]), atol=1e-5)
+
+    # streams of another position: perturb every stream of position 2
+    delta = np.zeros((1, t, g, h), np.float32)
+    delta[0, 2] = 5.0
+    main3, streams3, _ = model.all_logits(tokens, mx.array(delta))
+    np.testing.assert_allclose(np.array(main3), np.array(main), atol=1e-5)  # main ignores streams
+    others = [i for i in range(t) if i != 2]
+    np.testing.assert_allclose(np.array(streams3[:, others]), np.array(streams[:, others]), atol=1e-5)
+    assert float(mx.abs(streams3[:, 2] - streams[:, 2]).max()) > 1e-3  # the perturbation is real
+
+    # higher streams: perturbing stream j=2 of position 4 leaves stream 1 there unchanged
+    delta = np.zeros((1, t, g, h), np.float32)
+    delta[0, 4, 1] = 5.0
+    _, streams4, _ = model.all_logits(tokens, mx.array(delta))
+    np.testing.assert_allclose(np.array(streams4[:, 4, 0]), np.array(streams[:, 4, 0]), atol=1e-5)
+    assert float(mx.abs(streams4[:, 4, 1:] - streams[:, 4, 1:]).max()) > 1e-3
+
+
+def test_tree_step_matches_sequential_recomputation():
+    """Every tree node's main logits equal a plain pass over its own root-to-node path."""
+    model = _model("llama")
+    from mlx_specstream.streams import tree_plan
+    from mlx_specstream.tree import parse_tree_spec
+
+    prefix = [11, 22, 33, 44]
+    tree = parse_tree_spec("2,2")
+    nodes = mx.array([7, 8, 9, 10, 11, 12, 13], dtype=mx.int32)  # root + 2 + 4 drafts
+    cache = make_cache(model.num_layers)
+    model.forward(mx.array(prefix)[None], cache, prefill_plan(len(prefix), 0), streams=False)
+    for c in cache:
+        c.commit(None, len(prefix))
+    out = model.forward(nodes[None], cache, tree_plan(tree, model.num_streams))
+    paths = out.plan.paths
+    for i in range(tree.size):
+        path = [int(nodes[j]) for j in paths[i, : tree.depth[i] + 1]]
+        ref = model(mx.array([prefix + path]))[0, -1]
+        np.testing.assert_allclose(np.array(out.logits[i]), np.array(ref), atol=1e-4)
