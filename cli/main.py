@@ -1,29 +1,79 @@
-"""The ``specstream`` command: one Typer app, each command thin over the Python API."""
+"""The ``specstream`` command: one Typer app, each command thin over the Python API.
+
+``main()`` first re-executes the process with a system OpenBLAS preloaded when MLX would
+otherwise run on its slow reference BLAS (Linux; ``SPECSTREAM_NO_OPENBLAS=1`` opts out, see
+``mlx_specstream/blas.py``), then runs the app, turning every error into one line and a
+non-zero exit code (``--debug`` anywhere on the line shows the traceback).
+"""
 
 from __future__ import annotations
 
+import importlib
+import sys
+from typing import Optional
+
 import typer
+
+from mlx_specstream.cli import common
 
 app = typer.Typer(
     name="specstream",
-    help="Speculative Streaming for MLX: fast generation from one fine-tuned model.",
+    help="Speculative Streaming for MLX: fast generation from one fine-tuned model.\n\n"
+    "Example: specstream generate --prompt 'Hello' --max-tokens 64",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+# (command name, module in mlx_specstream.cli, function). Every command of the README is here.
+COMMANDS = [
+    ("generate", "generate", "generate"),
+    ("chat", "chat", "chat"),
+    ("convert", "convert", "convert"),
+    ("train", "train", "train"),
+    ("bench", "bench", "bench"),
+    ("serve", "serve", "serve"),
+    ("doctor", "doctor", "doctor"),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mlx_specstream import __version__
+
+        typer.echo(f"specstream {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors (also accepted after the command)."),
+    version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Speculative Streaming for MLX: fast generation from one fine-tuned model, no draft model."""
 
 
 def _register() -> None:
-    from mlx_specstream.cli import generate
-
-    app.command("generate")(generate.generate)
+    for name, module, function in COMMANDS:
+        mod = importlib.import_module(f"mlx_specstream.cli.{module}")
+        app.command(name)(getattr(mod, function))
 
 
 _register()
 
 
-def main() -> None:
-    app()
+def main(argv: Optional[list[str]] = None) -> int:
+    """Console entry point: exits the process. With ``argv`` (tests) returns the exit code
+    instead and skips the OpenBLAS re-exec."""
+    if argv is not None:
+        return common.run_app(app, list(argv))
+    args = sys.argv[1:]
+    if args and not {"-h", "--help", "--version"} & set(args):  # help needs no fast BLAS
+        from mlx_specstream.blas import maybe_reexec_with_openblas
+
+        maybe_reexec_with_openblas()
+    sys.exit(common.run_app(app, args))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ def generate_step(
     speculate: bool = True,
     prune_threshold: Optional[float] = None,
     cache: Optional[list] = None,
+    drafter=None,
 ) -> Iterator[Step]:
     """Yield the tokens of each decoding step, the prefill's first token included.
 
@@ -93,7 +94,12 @@ def generate_step(
     (the caller may stop earlier). With ``speculate`` False, or a plain model, it is ordinary
     autoregressive decoding through the same main-stream code path. ``cache``: an empty
     list to receive the per-layer caches (for inspection); a fresh one is made otherwise.
+    ``drafter``: an object with ``propose(history) -> list[int]`` (e.g. :class:`PromptLookup`)
+    whose chain of drafts replaces the streams' tree; verified the same way.
     """
+    if drafter is not None:
+        yield from _drafter_steps(model, prompt, drafter, max_tokens, make_sampler(sampling), cache)
+        return
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("The prompt must be a non-empty 1-D sequence of token ids.")
     sampler = make_sampler(sampling)
@@ -160,6 +166,40 @@ def generate_step(
         yield Step(step_tokens, depth)
 
 
+def _drafter_steps(model, prompt, drafter, max_tokens, sampler, cache_out) -> Iterator[Step]:
+    """Verify an external drafter's chains with the main stream (no speculative streams)."""
+    cache = make_cache(model.num_layers, capacity=prompt.size + max_tokens + drafter.num_draft + 2)
+    if cache_out is not None:
+        cache_out.extend(cache)
+    out = model.forward(prompt[None], cache, prefill_plan(prompt.size, 0), streams=False)
+    root = sampler(out.logits[-1:])
+    mx.eval(root)
+    for c in cache:
+        c.commit(None, prompt.size)
+    history = prompt.tolist() + [root.item()]
+    yield Step([history[-1]], 0, prefill=True)
+    emitted = 1
+    while emitted < max_tokens:
+        drafts = drafter.propose(history)[: max(0, max_tokens - emitted - 1)]
+        plan = tree_plan(Tree(tuple(tuple([0] * d) for d in range(len(drafts) + 1))), 0)
+        tokens = mx.array([history[-1]] + drafts, dtype=mx.int32)
+        out = model.forward(tokens[None], cache, plan, streams=False)
+        chosen = sampler(out.logits)
+        if drafts:
+            best, path_tokens = _accept(tokens, chosen, plan)
+        else:
+            best, path_tokens = mx.array(0), tokens
+        root = chosen[best]
+        mx.eval(best, root, path_tokens)
+        depth = best.item()
+        for c in cache:
+            c.commit(None, depth + 1)  # a chain: the accepted path is already in place
+        step = drafts[:depth] + [root.item()]
+        history.extend(step)
+        emitted += len(step)
+        yield Step(step, depth)
+
+
 @dataclasses.dataclass
 class GenerationResponse:
     """One streamed piece of output with running statistics (DESIGN.md metric conventions)."""
@@ -212,6 +252,7 @@ def stream_generate(
     stop: Optional[Sequence[str]] = None,
     prune_threshold: Optional[float] = None,
     eos_token_ids: Optional[Sequence[int]] = None,
+    drafter=None,
 ) -> Iterator[GenerationResponse]:
     """Yield :class:`GenerationResponse` objects as text is produced; the last has ``finish_reason``."""
     if max_tokens < 1:
@@ -236,7 +277,7 @@ def stream_generate(
     decode_start = tic
     steps = generate_step(
         model, mx.array(ids, dtype=mx.int32), max_tokens=max_tokens, sampling=sampling,
-        tree=tree, speculate=speculate, prune_threshold=prune_threshold,
+        tree=tree, speculate=speculate, prune_threshold=prune_threshold, drafter=drafter,
     )
     for step in steps:
         now = time.perf_counter()

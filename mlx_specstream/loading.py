@@ -217,6 +217,9 @@ def load_tokenizer(path: PathLike, config: Optional[dict[str, Any]] = None):
 
 def load(path: Optional[PathLike] = None, dtype: Optional[str] = None):
     """Load ``(model, tokenizer)`` from a model directory (the bundled demo model by default)."""
+    from .blas import warn_if_slow_blas
+
+    warn_if_slow_blas()
     path = resolve_model_path(path)
     model, config = load_model(path, dtype=dtype)
     tokenizer = load_tokenizer(path, config)

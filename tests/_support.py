@@ -44,7 +44,7 @@ def ss_loss(model, tokens: mx.array) -> mx.array:
 
 
 @functools.lru_cache(maxsize=None)
-def markov_model(family: str, num_streams: int = 3, msa_layers: int = 2, pruning: bool = False, steps: int = 300):
+def markov_model(family: str, num_streams: int = 3, msa_layers: int = 2, pruning: bool = False, steps: int = 100):
     """(model, perm): a tiny model trained until its streams predict the chain."""
     spec = SpecStreamConfig(
         num_streams=num_streams,

@@ -42,7 +42,7 @@ def test_random_streams_greedy_equal(family, streams, msa, tree, prune):
 def test_trained_streams_accept_and_stay_lossless(family):
     model, perm = markov_model(family)
     total_steps = total_tokens = 0
-    for start, tree in [(3, "2,2,1"), (11, "3,1,1"), (20, "[[0],[1],[0,0],[0,1],[0,0,0]]")]:
+    for start, tree in [(3, "2,2,1"), (11, "3,1,1"), (14, "[[0],[1],[0,0],[0,1],[0,0,0]]")]:
         prompt = chain(perm, start, 6)
         ar, _ = run_tokens(model, prompt, 200, speculate=False)
         ss, steps = run_tokens(model, prompt, 200, tree=tree)
@@ -84,3 +84,16 @@ def test_lossless_mode_stream_lora_keeps_main_stream():
     ar, _ = run_tokens(model, [1, 2, 3], 120, speculate=False)
     ss, _ = run_tokens(model, [1, 2, 3], 120, tree="2,2")
     assert ss == ar
+
+
+def test_prompt_lookup_drafts_verified_losslessly():
+    from mlx_specstream.lookup import PromptLookup
+
+    assert PromptLookup(3).propose([1, 2, 3, 9, 1, 2]) == [3, 9, 1]
+    assert PromptLookup(3).propose([1, 2, 3]) == []
+    model, perm = markov_model("llama")
+    prompt = chain(perm, 3, 30)  # the chain repeats, so lookup finds continuations
+    ar, _ = run_tokens(model, prompt, 200, speculate=False)
+    pl, steps = run_tokens(model, prompt, 200, drafter=PromptLookup(4))
+    assert pl == ar
+    assert sum(s.accepted for s in steps) > 20

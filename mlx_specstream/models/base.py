@@ -63,6 +63,7 @@ class RotaryTables:
         self.dims = dims
         inv_freq = 1.0 / (base ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims))
         self.inv_freq = _scale_inv_freq(inv_freq, scaling)
+        mx.eval(self.inv_freq)  # not lazy: generation may run on another thread (MLX streams are per-thread)
 
     def tables(self, positions: mx.array) -> tuple[mx.array, mx.array]:
         """positions ``[S]`` -> (cos, sin) each ``[S, dims]``."""

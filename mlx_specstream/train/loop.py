@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -237,6 +238,8 @@ def _run(args: TrainArgs, dist: DistContext) -> TrainResult:
     eval_tok, _ = tokenize_all(tokenizer, eval_raw, args.max_length)
     if not train_tok:
         raise ValueError(f"No training example keeps a completion token within --max-length {args.max_length}.")
+    if dropped and dist.is_main:
+        print(f"Skipped {dropped} examples whose prompt fills --max-length {args.max_length}.", file=sys.stderr)
 
     torch.manual_seed(args.seed)
     hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")

@@ -1,0 +1,171 @@
+"""``specstream doctor``: what this machine runs MLX on, how fast, and what to do about it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from typing import Any, Optional
+
+import typer
+
+from mlx_specstream.cli.common import JsonOpt, fail, print_json
+
+_MEASURE = "from mlx_specstream.blas import matmul_gflops; print(matmul_gflops({n}))"
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _backend(mx: Any) -> dict[str, Any]:
+    metal = bool(getattr(getattr(mx, "metal", None), "is_available", lambda: False)())
+    cuda = bool(getattr(getattr(mx, "cuda", None), "is_available", lambda: False)())
+    return {
+        "default_device": str(mx.default_device()),
+        "metal": metal,
+        "cuda": cuda,
+        "backend": "metal" if metal else "cuda" if cuda else "cpu",
+    }
+
+
+def _measure_in_subprocess(n: int, preload: Optional[str]) -> Optional[float]:
+    """GFLOP/s in a fresh interpreter with (``preload``) or without OpenBLAS preloaded."""
+    from mlx_specstream.blas import OPT_OUT_ENV
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("_SPECSTREAM_")}
+    env.pop("LD_PRELOAD", None)
+    env[OPT_OUT_ENV] = "1"
+    if preload:
+        env["LD_PRELOAD"] = preload
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _MEASURE.format(n=n)], env=env, capture_output=True, text=True, timeout=120
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    try:
+        return float(out.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def collect(size: int = 1024, compare: bool = False) -> dict[str, Any]:
+    """Everything doctor reports, as a JSON-ready dict (``advice`` lists what to do)."""
+    try:
+        import mlx.core as mx
+    except ImportError as exc:
+        fail(f"MLX is not importable ({exc}). Install it: pip install 'mlx[cpu]' on Linux, pip install mlx on macOS.")
+    from mlx_specstream import blas
+
+    info = blas.blas_info()
+    report: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "versions": {
+            "mlx": getattr(mx, "__version__", None) or _version("mlx"),
+            "mlx-lm": _version("mlx-lm"),
+            "mlx-specstream": _version("mlx-specstream") or _package_version(),
+        },
+        **_backend(mx),
+        "blas": {
+            "kind": info.kind,
+            "library": info.provider,
+            "openblas_preloaded": info.preloaded,
+            "preloaded_by": "specstream" if info.via_reexec else ("LD_PRELOAD" if info.preloaded else None),
+            "system_openblas": info.system_openblas,
+            "mlx_reference_blas": info.mlx_reference_blas,
+            "opt_out": os.environ.get(blas.OPT_OUT_ENV, "") not in ("", "0"),
+        },
+        "matmul": {"n": size, "dtype": "float32", "gflops": round(blas.matmul_gflops(size), 1)},
+    }
+    if compare and info.system_openblas:
+        without = _measure_in_subprocess(size, None)
+        with_ob = _measure_in_subprocess(size, info.system_openblas)
+        report["matmul"]["compare"] = {
+            "reference_gflops": None if without is None else round(without, 1),
+            "openblas_gflops": None if with_ob is None else round(with_ob, 1),
+        }
+    report["advice"] = advice(report, info)
+    return report
+
+
+def _package_version() -> str:
+    from mlx_specstream import __version__
+
+    return __version__
+
+
+def advice(report: dict[str, Any], info: Any) -> list[str]:
+    """What the user should do, one sentence each (empty when all is well)."""
+    from mlx_specstream import blas
+
+    tips = []
+    if sys.platform == "darwin" and not report["metal"]:
+        tips.append("MLX does not see a Metal GPU: use an Apple Silicon Mac and the native arm64 Python.")
+    if sys.platform.startswith("linux") and info.mlx_reference_blas and not info.fast:
+        if report["blas"]["opt_out"]:
+            tips.append(
+                f"{blas.OPT_OUT_ENV} is set, so MLX runs on its slow reference BLAS; unset it for ~30x faster "
+                "float32 matmul."
+            )
+        elif info.system_openblas is None:
+            tips.append(
+                f"Install OpenBLAS ({blas.INSTALL_HINT}); specstream then preloads it by itself "
+                "(~30x faster float32 matmul)."
+            )
+        else:
+            tips.append(
+                f"MLX runs on its slow reference BLAS. The specstream command preloads OpenBLAS by itself; "
+                f"in your own Python programs run `{blas.preload_command(info.system_openblas)}` first."
+            )
+    return tips
+
+
+def doctor(
+    size: int = typer.Option(1024, "--size", min=64, max=8192, help="Matrix size of the matmul benchmark."),
+    compare: bool = typer.Option(False, "--compare", help="Also measure matmul with and without OpenBLAS preloaded."),
+    as_json: JsonOpt = False,
+) -> None:
+    """Report platform, MLX version and back-end, the BLAS in use, its matmul speed, and what to do.
+
+    Example: specstream doctor --compare
+    """
+    report = collect(size=size, compare=compare)
+    if as_json:
+        print_json(report)
+        return
+    b, m = report["blas"], report["matmul"]
+    how = {"specstream": " (preloaded by specstream)", "LD_PRELOAD": " (preloaded via LD_PRELOAD)"}.get(
+        b["preloaded_by"] or "", ""
+    )
+    lines = [
+        ("platform", f"{report['platform']} ({report['machine']}), Python {report['python']}"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)),
+        ("back-end", f"{report['backend']} (default device {report['default_device']})"),
+        ("BLAS", f"{b['kind']}{how}: {b['library'] or 'not found'}"),
+        ("system OpenBLAS", b["system_openblas"] or "none found"),
+        ("matmul", f"{m['gflops']:.1f} GFLOP/s (float32, {m['n']}x{m['n']})"),
+    ]
+    if "compare" in m:
+        c = m["compare"]
+        ref, ob = c["reference_gflops"], c["openblas_gflops"]
+        text = f"reference BLAS {ref if ref is not None else '?'} GFLOP/s, OpenBLAS {ob if ob is not None else '?'} GFLOP/s"
+        if ref and ob:
+            text += f" ({ob / ref:.0f}x)"
+        lines.append(("compare", text))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        typer.echo(f"{key:<{width}}  {value}")
+    if report["advice"]:
+        typer.echo("")
+        for tip in report["advice"]:
+            typer.secho(f"to do: {tip}", fg=typer.colors.YELLOW)
+    else:
+        typer.secho("All good: nothing to do.", fg=typer.colors.GREEN)

@@ -1,0 +1,150 @@
+"""BLAS detection, the OpenBLAS re-exec of the ``specstream`` command, and the library warning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from mlx_specstream import blas
+
+LINUX = sys.platform.startswith("linux")
+SYSTEM_OPENBLAS = blas.find_system_openblas() if LINUX else None
+REFERENCE = blas.mlx_reference_blas()
+needs_openblas = pytest.mark.skipif(
+    not (LINUX and SYSTEM_OPENBLAS and REFERENCE), reason="needs Linux, mlx[cpu]'s reference BLAS and a system OpenBLAS"
+)
+
+
+def _info(kind, system="/usr/lib/libopenblas.so.0", reference="/site/mlx_cpu.libs/libblas.so", preloaded=False):
+    return blas.BlasInfo(provider=f"/x/{kind}.so", kind=kind, preloaded=preloaded, via_reexec=False,
+                         system_openblas=system, mlx_reference_blas=reference)
+
+
+def test_classify():
+    assert blas._classify("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblasp-r0.3.21.so") == "openblas"
+    assert blas._classify("/site/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0") == "reference"
+    assert blas._classify("/opt/intel/libmkl_rt.so") == "mkl"
+    assert blas._classify(None) == "unknown"
+
+
+def test_should_reexec_rules(monkeypatch):
+    monkeypatch.setattr(blas, "mlx_reference_blas", lambda: "/site/mlx_cpu.libs/libblas.so")
+    monkeypatch.setattr(blas, "find_system_openblas", lambda: "/usr/lib/libopenblas.so.0")
+    assert blas._should_reexec({}, "linux") == "/usr/lib/libopenblas.so.0"
+    assert blas._should_reexec({"LD_PRELOAD": "/lib/libjemalloc.so"}, "linux") == "/usr/lib/libopenblas.so.0"
+    assert blas._should_reexec({}, "darwin") is None
+    assert blas._should_reexec({blas.OPT_OUT_ENV: "1"}, "linux") is None
+    assert blas._should_reexec({blas.OPT_OUT_ENV: "0"}, "linux") == "/usr/lib/libopenblas.so.0"
+    assert blas._should_reexec({blas._REEXEC_ENV: "1"}, "linux") is None  # never loops
+    assert blas._should_reexec({"LD_PRELOAD": "/opt/libopenblas.so"}, "linux") is None  # user did it already
+    monkeypatch.setattr(blas, "find_system_openblas", lambda: None)
+    assert blas._should_reexec({}, "linux") is None
+    monkeypatch.setattr(blas, "mlx_reference_blas", lambda: None)  # e.g. a wheel with a real BLAS
+    monkeypatch.setattr(blas, "find_system_openblas", lambda: "/usr/lib/libopenblas.so.0")
+    assert blas._should_reexec({}, "linux") is None
+
+
+def test_explicit_openblas_path(monkeypatch, tmp_path):
+    lib = tmp_path / "libopenblas.so.0"
+    lib.write_bytes(b"")
+    monkeypatch.setenv(blas.PATH_ENV, str(lib))
+    assert blas.find_system_openblas() == str(lib)
+    monkeypatch.setenv(blas.PATH_ENV, str(tmp_path / "missing.so"))
+    assert blas.find_system_openblas() is None
+
+
+def test_reexec_builds_the_preloaded_environment(monkeypatch):
+    calls = []
+    monkeypatch.setattr(blas, "_should_reexec", lambda env, platform: "/usr/lib/libopenblas.so.0")
+    monkeypatch.setattr(blas.os, "execve", lambda path, args, env: calls.append((path, args, env)))
+    monkeypatch.setenv("LD_PRELOAD", "/lib/libmine.so")
+    monkeypatch.delenv(blas._REEXEC_ENV, raising=False)
+    blas.maybe_reexec_with_openblas(["specstream", "generate", "--prompt", "hi"])
+    (path, args, env), = calls
+    assert path == sys.executable and args == [sys.executable, "generate", "--prompt", "hi"]
+    assert env["LD_PRELOAD"] == "/usr/lib/libopenblas.so.0:/lib/libmine.so"
+    assert env[blas._REEXEC_ENV] == "1" and env[blas._ORIG_PRELOAD_ENV] == "/lib/libmine.so"
+
+
+def test_reexecuted_child_restores_the_users_environment(monkeypatch):
+    monkeypatch.setattr(blas.os, "execve", lambda *a: pytest.fail("must not re-exec twice"))
+    monkeypatch.setenv(blas._REEXEC_ENV, "1")
+    monkeypatch.setenv(blas._ORIG_PRELOAD_ENV, "/lib/libmine.so")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libopenblas.so.0:/lib/libmine.so")
+    blas.maybe_reexec_with_openblas(["specstream"])
+    assert os.environ["LD_PRELOAD"] == "/lib/libmine.so" and blas._ORIG_PRELOAD_ENV not in os.environ
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libopenblas.so.0")
+    blas.maybe_reexec_with_openblas(["specstream"])
+    assert "LD_PRELOAD" not in os.environ  # subprocesses of specstream see what the user had
+
+
+def test_fix_hints():
+    assert blas.fix_hint(_info("openblas")) is None
+    with_lib = blas.fix_hint(_info("reference"))
+    assert "export LD_PRELOAD=/usr/lib/libopenblas.so.0" in with_lib
+    assert "apt-get install libopenblas0-pthread" in blas.fix_hint(_info("reference", system=None))
+    assert blas.fix_hint(_info("reference", reference=None)) is None
+
+
+def test_library_warning_once_with_the_fix(monkeypatch):
+    if not LINUX:
+        pytest.skip("Linux only")
+    monkeypatch.setattr(blas, "_warned", False)
+    monkeypatch.delenv(blas.OPT_OUT_ENV, raising=False)
+    monkeypatch.setattr(blas, "blas_info", lambda load_mlx=True: _info("reference"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        blas.warn_if_slow_blas()
+        blas.warn_if_slow_blas()
+    assert len(caught) == 1 and "export LD_PRELOAD=/usr/lib/libopenblas.so.0" in str(caught[0].message)
+    assert blas.OPT_OUT_ENV in str(caught[0].message)
+    monkeypatch.setattr(blas, "_warned", False)
+    monkeypatch.setenv(blas.OPT_OUT_ENV, "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        blas.warn_if_slow_blas()
+    assert caught == []
+
+
+def test_matmul_gflops_measures_something():
+    assert blas.matmul_gflops(64, repeats=1) > 0
+
+
+def _doctor(env_changes: dict) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("_SPECSTREAM")}
+    env.pop(blas.OPT_OUT_ENV, None)
+    env.update(env_changes)
+    out = subprocess.run([sys.executable, "-m", "mlx_specstream", "doctor", "--json", "--size", "256"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@needs_openblas
+def test_specstream_command_preloads_openblas_by_itself():
+    report = _doctor({})
+    assert report["blas"]["kind"] == "openblas" and report["blas"]["preloaded_by"] == "specstream"
+    assert report["advice"] == []
+    opted_out = _doctor({blas.OPT_OUT_ENV: "1"})
+    assert opted_out["blas"]["kind"] == "reference" and opted_out["blas"]["preloaded_by"] is None
+    assert any(blas.OPT_OUT_ENV in tip for tip in opted_out["advice"])
+    # OpenBLAS is far faster; a loose bound keeps the test stable on a busy machine
+    assert report["matmul"]["gflops"] > 3 * opted_out["matmul"]["gflops"]
+
+
+@needs_openblas
+def test_user_preload_is_detected_and_not_repeated():
+    report = _doctor({"LD_PRELOAD": SYSTEM_OPENBLAS})
+    assert report["blas"]["kind"] == "openblas" and report["blas"]["preloaded_by"] == "LD_PRELOAD"
+
+
+@needs_openblas
+def test_blas_info_in_this_process_names_the_library():
+    info = blas.blas_info()
+    assert info.provider and os.path.exists(info.provider)
+    assert info.kind in ("openblas", "reference")
