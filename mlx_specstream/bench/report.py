@@ -1,0 +1,119 @@
+"""Benchmark output: a markdown report, the JSON file, and an optional PNG plot (matplotlib)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+SPEEDUP_RULE = (
+    "speedup = median over repeats of (SS decode tokens/s / AR decode tokens/s); decode tokens/s of a "
+    "repeat = total decode tokens / total decode time over its prompts (prefill excluded); modes "
+    "interleaved per prompt in one process."
+)
+
+
+def _quality(q: dict) -> str:
+    if "rouge1" in q:
+        return f"R-1 {q['rouge1']:.2f} / R-Lsum {q['rougeLsum']:.2f}"
+    if "exact_match" in q:
+        return f"EM {q['exact_match']:.3f}"
+    return "-"
+
+
+def markdown(result: dict) -> str:
+    """A table with one row per mode, then acceptance, settings and tuning lines."""
+    s = result["settings"]
+    ar_rate = result["ar_decode_tokens_per_sec"]
+    lines = [
+        f"## specstream bench: {Path(s['model']).name} on {Path(s['data']).name} "
+        f"({result['num_samples']} prompts x {s['repeats']} repeats)",
+        "",
+        "| mode | decode tok/s | vs AR | tokens/step | latency s | peak GB | identical | quality |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in result["modes"].items():
+        ident = m.get("identical_fraction")
+        rel = m["decode_tokens_per_sec"] / ar_rate if ar_rate else 0.0
+        lines.append(
+            f"| {name} | {m['decode_tokens_per_sec']:.1f} | {rel:.2f}x | {m['tokens_per_step']:.2f} | "
+            f"{m['latency_s']:.3f} | {m['peak_memory_gb']:.4f} | {'-' if ident is None else f'{ident:.3f}'} | "
+            f"{_quality(m['quality'])} |"
+        )
+    acc = ", ".join(f"{a:.2f}" for a in result["stream_acceptance"]) or "-"
+    dist = ", ".join(f"{k}: {v:.2f}" for k, v in result["tokens_per_step_distribution"].items()) or "-"
+    lines += [
+        "",
+        f"**speedup {result['speedup']:.2f}x**, tokens/step {result['tokens_per_step']:.2f}, "
+        f"identical to AR {result['identical_fraction']:.3f}, "
+        f"peak memory SS/AR {result['ss_peak_memory_gb'] / result['ar_peak_memory_gb']:.3f}",
+        f"- per-repeat speedups: {', '.join(f'{x:.2f}' for x in result['speedup_per_repeat'])}",
+        f"- stream acceptance (steps accepting >= j drafts, j = 1..): {acc}",
+        f"- tokens per step distribution: {dist}",
+    ]
+    for b in result["baselines"]:
+        lines.append(f"- SS vs {b['name']}: {b['ss_speedup_over']:.2f}x")
+    tree = (f"tree {s['tree']} ({s['tree_size']} nodes)" if s["num_streams"] else
+            "no speculative streams in this model: SS runs the autoregressive path (speedup 1 by construction)")
+    lines += [
+        f"- {tree}, max tokens {s['max_tokens']}, temp {s['temp']}, device {s['device']}, BLAS {s['blas']}",
+        f"- {SPEEDUP_RULE}",
+    ]
+    t = result.get("tune")
+    if t:
+        lines += [
+            "",
+            f"### tuning: chose tree {t['tree']} ({t['size']} nodes), saved to {t['saved_to']}",
+            "| | expected | measured |",
+            "|---|---|---|",
+            f"| tokens/step | {t['expected_tokens_per_step']:.2f} | {t['measured_tokens_per_step']:.2f} |",
+            f"| speedup | {t['expected_speedup']:.2f}x | {t['measured_speedup']:.2f}x |",
+            f"| SS decode tok/s | {t['expected_ss_tokens_per_sec']:.1f} | {t['measured_ss_tokens_per_sec']:.1f} |",
+            f"| AR decode tok/s | {t['expected_ar_tokens_per_sec']:.1f} | {t['measured_ar_tokens_per_sec']:.1f} |",
+            "",
+            f"- step cost: AR {1e3 * t['step_cost_ar_s']:.2f} ms; tree of n nodes: "
+            + ", ".join(f"{n}: {1e3 * c:.2f}" for n, c in enumerate(t["step_cost_s"], 1) if n in (1, 2, 4, 8, 16, 32))
+            + " ms",
+            "- rank acceptance P(stream j's rank-r token is the main stream's), rows j = 1..: "
+            + "; ".join(" ".join(f"{p:.2f}" for p in row[:4]) for row in t["rank_acceptance"]),
+            "- best candidates: " + ", ".join(
+                f"{c['tree']} ({c['size']} nodes, {c['tokens_per_step']:.2f} tok/step, {c['speedup']:.2f}x)"
+                for c in t["candidates"][:4]),
+        ]
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def plot(result: dict, path: str | os.PathLike) -> Optional[str]:
+    """Speedup vs tree size (tuning's expectation and the measured point), else decode tok/s
+    per mode. Returns None when written, or why not (matplotlib missing)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib); no plot written."
+    fig, ax = plt.subplots(figsize=(6, 4))
+    t = result.get("tune")
+    if t:
+        sizes = sorted(t["best_speedup_by_size"], key=int)
+        ax.plot([int(n) for n in sizes], [t["best_speedup_by_size"][n] for n in sizes], "o-",
+                label="expected (best tree of each size)")
+        ax.plot([result["settings"]["tree_size"]], [result["speedup"]], "r*", markersize=14, label="measured")
+        ax.set_xlabel("tree size (nodes)")
+        ax.set_ylabel("speedup over autoregressive")
+        ax.legend()
+    else:
+        names = list(result["modes"])
+        ax.bar(names, [result["modes"][n]["decode_tokens_per_sec"] for n in names])
+        ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{Path(result['settings']['model']).name}: speedup {result['speedup']:.2f}x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None

@@ -1,0 +1,283 @@
+"""Tree auto-tuning: pick the draft tree that maximises expected tokens/s on this device.
+
+Two measurements, then a choice:
+
+1. **Step cost** ``c(n)``: seconds of one real speculative decoding step (forward pass over a
+   tree of ``n`` nodes, each with its γ stream tokens, plus acceptance, drafting and cache
+   commit; n = 2..32) and ``c_ar`` of one autoregressive step, decoding from a calibration
+   prompt. Rounds interleave the sizes; the medians are made non-decreasing in ``n``
+   (isotonic fit), since a bigger tree never costs less.
+2. **Acceptance**: greedy continuations of the calibration prompts, then one teacher-forced
+   pass with streams on every position (``model.all_logits``). At position p, stream j drafts
+   the token the main stream chooses at p + j; ``R[p, j]`` is that token's rank in stream j's
+   logits (``MAX_RANK`` = not in the top ``MAX_RANK``). A step from p with tree T accepts the
+   longest path ``(R[p,1], ..., R[p,d])`` that is a node of T, then moves to p + d + 1: replaying
+   that walk over the calibration continuations gives the exact greedy tokens per step ``E(T)``
+   (pruning ignored). Per-depth, per-rank acceptance ``P(R[:, j] = r)`` is reported and drives
+   the greedy sparse trees.
+
+Candidates: every Cartesian tree (non-increasing per-depth top-k, at most 32 nodes) and the
+greedy sparse trees of 2..32 nodes (add paths in order of the product of their per-depth rank
+acceptance, Medusa-style). The winner maximises ``E(T) / c(|T|)``; expected speedup is
+``E(T) * c_ar / c(|T|)``. Calibrating on the benchmark prompts themselves is optimistic: prefer
+a separate split (``--tune-data``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from ..config import CONFIG_KEY, SpecStreamConfig
+from ..generate import generate_step
+from ..tree import Tree, cartesian_tree, parse_tree_spec, sparse_tree
+
+MAX_NODES = 32  # largest tree considered
+MAX_RANK = 8  # ranks >= this count as "not drafted"
+COST_STEPS = 16  # decoding steps timed per tree size and round
+COST_ROUNDS = 3
+
+
+@dataclasses.dataclass
+class Calibration:
+    ranks: list[list[tuple[int, ...]]]  # per sequence, per position p: (R[p,1], ..., R[p,γ])
+    emitted: list[int]  # tokens generated per sequence
+    contexts: list[list[int]]  # per sequence: prompt + the first half of its continuation
+
+    def rank_acceptance(self, depth: int) -> np.ndarray:
+        """``[γ, MAX_RANK]``: fraction of positions where stream j's rank-r token is the main stream's."""
+        rows = np.array([r for seq in self.ranks for r in seq], dtype=np.int64).reshape(-1, depth)
+        return np.stack([(rows == r).mean(axis=0) for r in range(MAX_RANK)], axis=1) if len(rows) else (
+            np.zeros((depth, MAX_RANK)))
+
+
+def calibrate(model, prompts: Sequence[list[int]], max_tokens: int, eos: set[int]) -> Calibration:
+    """Greedy continuations of ``prompts`` and the stream ranks along them (module docstring)."""
+    g = model.num_streams
+    cal = Calibration([], [], [])
+    for ids in prompts:
+        cont: list[int] = []
+        for step in generate_step(model, mx.array(ids, dtype=mx.int32), max_tokens=max_tokens):
+            cont.extend(step.tokens)
+            if eos & set(step.tokens) or len(cont) >= max_tokens:
+                break
+        cont = cont[:max_tokens]
+        cont = cont[: next((k + 1 for k, t in enumerate(cont) if t in eos), len(cont))]
+        seq = mx.array(ids + cont, dtype=mx.int32)[None]
+        main, streams, _ = model.all_logits(seq)
+        choices = mx.argmax(main[0], axis=-1)  # [L]: the main stream's token after each position
+        length, start = seq.shape[1], len(ids) - 1
+        pos = np.arange(start, length - 1)[:, None] + np.arange(1, g + 1)[None, :]  # [n, γ]: p + j
+        target = choices[mx.array(np.minimum(pos, length - 1))]
+        logits = streams[0, start: length - 1].astype(mx.float32)  # [n, γ, V]
+        chosen = mx.take_along_axis(logits, target[..., None], axis=-1)
+        rank = np.array(mx.sum(logits > chosen, axis=-1))
+        rank = np.where(pos <= length - 1, np.minimum(rank, MAX_RANK), MAX_RANK)
+        cal.ranks.append([tuple(int(x) for x in row) for row in rank])
+        cal.emitted.append(len(cont))
+        cal.contexts.append(ids + cont[: len(cont) // 2])
+    return cal
+
+
+def tokens_per_step(cal: Calibration, tree: Tree) -> float:
+    """Replay greedy speculative decoding with ``tree`` over the calibration continuations."""
+    nodes = set(tree.paths)
+    tokens = steps = 0
+    for ranks, n in zip(cal.ranks, cal.emitted):
+        i, emitted = 0, 1  # the prefill emitted the first token
+        while emitted < n:
+            d = 0
+            while d < len(ranks[i]) and ranks[i][: d + 1] in nodes:
+                d += 1
+            d = min(d, n - emitted - 1)
+            emitted += d + 1
+            i += d + 1
+            tokens += d + 1
+            steps += 1
+    return tokens / steps if steps else 1.0
+
+
+def _monotone(values: Sequence[float]) -> list[float]:
+    """Least-squares non-decreasing fit (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, c = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += c
+    return [s / c for s, c in blocks for _ in range(int(c))]
+
+
+def step_costs(model, context: list[int], rounds: Optional[int] = None,
+               steps: Optional[int] = None) -> tuple[float, list[float], list[float]]:
+    """``(c_ar, fitted c(n), raw c(n))`` in seconds; ``c(n)`` for n = 2..MAX_NODES at index n - 1.
+
+    Times real decoding steps (``generate_step``: forward pass, acceptance, drafting, cache
+    commit) after prefilling ``context``: each configuration decodes ``steps`` steps, its cost
+    is their mean time (as the benchmark aggregates), then the median over ``rounds`` rounds
+    that interleave the sizes.
+    Trees are fans (n - 1 children of the root); the cost depends on n, not on the shape.
+    ``c(1)`` (a root without drafts) is not a valid tree: it is reported equal to ``c(2)``.
+    Defaults: ``COST_ROUNDS`` rounds of ``COST_STEPS`` steps.
+    """
+    rounds, steps = rounds or COST_ROUNDS, steps or COST_STEPS
+    prompt = mx.array(context, dtype=mx.int32)
+    max_tokens = steps * (model.num_streams + 1) + 1
+
+    def one(**kwargs) -> float:
+        times = []
+        tic = time.perf_counter()
+        for step in generate_step(model, prompt, max_tokens=max_tokens, **kwargs):
+            now = time.perf_counter()
+            if not step.prefill:
+                times.append(now - tic)
+            tic = now
+            if len(times) == steps:
+                break
+        return statistics.fmean(times)
+
+    configs = [dict(speculate=False)] + [
+        dict(tree=Tree(((),) + tuple((r,) for r in range(n - 1)))) for n in range(2, MAX_NODES + 1)]
+    times: list[list[float]] = [[] for _ in configs]
+    for _ in range(rounds):
+        for k, config in enumerate(configs):
+            times[k].append(one(**config))
+    medians = [statistics.median(t) for t in times]
+    raw = medians[1:2] + medians[1:]
+    return medians[0], _monotone(raw), raw
+
+
+def cartesian_candidates(depth: int) -> list[tuple[int, ...]]:
+    """Every non-increasing per-depth top-k of at most ``depth`` levels and MAX_NODES nodes."""
+    out: list[tuple[int, ...]] = []
+
+    def grow(ks: tuple[int, ...], size: int, width: int) -> None:
+        if ks:
+            out.append(ks)
+        if len(ks) == depth:
+            return
+        for k in range(1, (ks[-1] if ks else MAX_RANK) + 1):
+            if size + width * k > MAX_NODES:
+                break
+            grow(ks + (k,), size + width * k, width * k)
+
+    grow((), 1, 1)
+    return out
+
+
+def greedy_paths(rank_acc: np.ndarray) -> list[tuple[int, ...]]:
+    """Up to MAX_NODES - 1 paths, best first by the product of per-depth rank acceptance."""
+    depth = rank_acc.shape[0]
+    heap = [(-float(rank_acc[0, r]), (r,)) for r in range(MAX_RANK)]
+    heapq.heapify(heap)
+    out: list[tuple[int, ...]] = []
+    while heap and len(out) < MAX_NODES - 1:
+        neg, path = heapq.heappop(heap)
+        if neg >= 0:  # never accepted on the calibration data
+            break
+        out.append(path)
+        if len(path) < depth:
+            for r in range(MAX_RANK):
+                heapq.heappush(heap, (neg * float(rank_acc[len(path), r]), path + (r,)))
+    return out
+
+
+def tree_spec(tree: Tree, ks: Optional[tuple[int, ...]] = None) -> str:
+    """The string saved as ``default_tree``: ``"4,2,1"`` or a JSON list of paths."""
+    if ks is not None:
+        return ",".join(map(str, ks))
+    return json.dumps([list(p) for p in tree.paths[1:]], separators=(",", ":"))
+
+
+@dataclasses.dataclass
+class TuneResult:
+    tree: str
+    size: int
+    expected_tokens_per_step: float
+    expected_speedup: float
+    expected_ss_tokens_per_sec: float
+    expected_ar_tokens_per_sec: float
+    step_cost_ar_s: float
+    step_cost_s: list[float]  # fitted, index n - 1 for a tree of n nodes
+    step_cost_raw_s: list[float]
+    rank_acceptance: list[list[float]]  # [depth][rank]
+    best_speedup_by_size: dict[int, float]  # best expected speedup among candidates of each size
+    candidates: list[dict]  # the best few, for the report
+    calibration_prompts: int
+    calibration_tokens: int
+
+
+def tune_tree(model, prompts: Sequence[list[int]], max_tokens: int, eos: set[int],
+              rounds: Optional[int] = None) -> TuneResult:
+    """Measure, then choose the tree with the highest expected tokens/s (module docstring)."""
+    if not model.num_streams:
+        raise ValueError("--tune needs a model with speculative streams; this model has none.")
+    if not prompts:
+        raise ValueError("--tune needs at least one calibration prompt.")
+    g = model.num_streams
+    cal = calibrate(model, prompts, max_tokens, eos)
+    if sum(cal.emitted) < 2:
+        raise ValueError("The calibration prompts generated no tokens to tune on; "
+                         "use other prompts or more --max-tokens.")
+    acc = cal.rank_acceptance(g)
+    c_ar, cost, raw = step_costs(model, cal.contexts[0], rounds)
+
+    trees = [(cartesian_tree(ks), ks) for ks in cartesian_candidates(g)]
+    paths = greedy_paths(acc)
+    trees += [(sparse_tree(paths[:n]), None) for n in range(1, len(paths) + 1)]
+    scored = []
+    seen = set()
+    for tree, ks in trees:
+        if tree.paths in seen:
+            continue
+        seen.add(tree.paths)
+        e = tokens_per_step(cal, tree)
+        scored.append(dict(tree=tree_spec(tree, ks), size=tree.size, tokens_per_step=e,
+                           speedup=e * c_ar / cost[tree.size - 1]))
+    scored.sort(key=lambda s: -s["speedup"])
+    best = scored[0]
+    by_size: dict[int, float] = {}
+    for s in scored:
+        by_size[s["size"]] = max(by_size.get(s["size"], 0.0), s["speedup"])
+    return TuneResult(
+        tree=best["tree"], size=best["size"], expected_tokens_per_step=best["tokens_per_step"],
+        expected_speedup=best["speedup"], expected_ss_tokens_per_sec=best["tokens_per_step"] / cost[best["size"] - 1],
+        expected_ar_tokens_per_sec=1.0 / c_ar, step_cost_ar_s=c_ar, step_cost_s=cost, step_cost_raw_s=raw,
+        rank_acceptance=acc.round(4).tolist(), best_speedup_by_size=dict(sorted(by_size.items())),
+        candidates=scored[:8], calibration_prompts=len(prompts), calibration_tokens=sum(cal.emitted),
+    )
+
+
+def save_default_tree(model_dir: str | os.PathLike, spec: str) -> Path:
+    """Write ``spec`` as ``speculative_streaming.default_tree`` in config.json, atomically."""
+    path = Path(model_dir) / "config.json"
+    config = json.loads(path.read_text())
+    block = config.get(CONFIG_KEY)
+    if not block:
+        raise ValueError(f"{path} has no '{CONFIG_KEY}' block; only a speculative model has a default tree.")
+    block["default_tree"] = spec
+    streams = SpecStreamConfig.from_dict(block).num_streams  # still a valid block
+    tree = parse_tree_spec(spec)
+    if tree.size < 2 or tree.max_depth > streams:
+        raise ValueError(f"Tree {spec!r} needs 1 to {streams} levels of drafts for this model's {streams} streams.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config.", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(config, indent=2) + "\n")
+        os.chmod(tmp, path.stat().st_mode & 0o777)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

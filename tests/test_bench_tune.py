@@ -1,0 +1,124 @@
+"""Tree tuning: the pure pieces on hand-made numbers, the acceptance replay against real greedy
+speculative decoding, and ``bench --tune`` writing a default tree that loads back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_specstream.bench import tune as tune_mod
+from mlx_specstream.bench.tune import (
+    Calibration,
+    _monotone,
+    calibrate,
+    cartesian_candidates,
+    greedy_paths,
+    save_default_tree,
+    tokens_per_step,
+)
+from mlx_specstream.cli.main import main
+from mlx_specstream.generate import generate_step, resolve_tree
+from mlx_specstream.loading import load_model
+from mlx_specstream.testing import write_tiny_model_dir
+from mlx_specstream.tree import parse_tree_spec
+
+from test_bench_data import write_jsonl
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = write_tiny_model_dir(tmp_path_factory.mktemp("tune") / "m", "llama")
+    save_default_tree(d, "2,1")  # calibration decodes with the default tree: keep it cheap
+    return d
+
+
+def test_monotone_fit():
+    assert _monotone([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
+    assert _monotone([2.0, 1.0, 1.0]) == pytest.approx([4 / 3] * 3)
+
+
+def test_cartesian_candidates_are_small_non_increasing_trees():
+    cands = cartesian_candidates(4)
+    assert (4, 2, 1) in cands and (1, 1, 1, 1) in cands and (8,) in cands and (4, 2, 2, 1) not in cands  # 45 nodes
+    for ks in cands:
+        assert list(ks) == sorted(ks, reverse=True) and len(ks) <= 4
+        assert parse_tree_spec(list(ks)).size <= tune_mod.MAX_NODES
+
+
+def test_greedy_paths_follow_products_of_rank_acceptance():
+    acc = np.zeros((2, tune_mod.MAX_RANK))
+    acc[0, :3] = [0.6, 0.2, 0.1]
+    acc[1, :2] = [0.5, 0.3]
+    # 0.6, (0,0) .3, 0.2, (0,1) .18, 0.1, (1,0) .1, (1,1) .06, (2,0) .05, (2,1) .03
+    assert greedy_paths(acc) == [(0,), (0, 0), (1,), (0, 1), (1, 0), (2,), (1, 1), (2, 0), (2, 1)]
+
+
+def test_replay_on_hand_made_ranks():
+    cal = Calibration(ranks=[[(0, 0), (1, 8), (0, 1), (8, 8), (0, 0), (0, 0)]], emitted=[7], contexts=[[1]])
+    # chain "1,1": steps accept 2 (p=0 -> 3), 0 (p=3 -> 4), 2 -> truncated to the 7 tokens
+    assert tokens_per_step(cal, parse_tree_spec("1,1")) == pytest.approx(6 / 3)
+    # "2,2": (0,0) 2 -> p=3: (8,8) 0 -> p=4: (0,0) 2 -> done, same steps
+    assert tokens_per_step(cal, parse_tree_spec("2,2")) == pytest.approx(6 / 3)
+    # "[[1]]": p=0 (0,0) miss -> p=1 (1,8) 1 -> p=3 miss -> p=4 miss -> p=5 miss -> 6 tokens, 5 steps
+    assert tokens_per_step(cal, parse_tree_spec([[1]])) == pytest.approx(6 / 5)
+
+
+def test_replay_matches_real_greedy_speculative_decoding(model_dir):
+    model, _ = load_model(model_dir)
+    prompts = [[256, 97, 98, 99, 97, 98], [256, 120, 121]]
+    cal = calibrate(model, prompts, max_tokens=16, eos=set())
+    assert cal.emitted == [16, 16] and len(cal.ranks[0]) == 16 and len(cal.ranks[0][0]) == model.num_streams
+    acc = cal.rank_acceptance(model.num_streams)
+    assert acc.shape == (model.num_streams, tune_mod.MAX_RANK) and (acc.sum(axis=1) <= 1 + 1e-9).all()
+    for spec in ["3,1", "2,2,2", "[[0],[1],[0,0],[0,1],[0,0,0]]"]:
+        tokens = steps = 0
+        for ids in prompts:
+            out = list(generate_step(model, mx.array(ids), max_tokens=16, tree=spec))
+            emitted = [t for s in out for t in s.tokens][:16]
+            tokens += len(emitted) - 1
+            steps += len(out) - 1
+        assert tokens_per_step(cal, parse_tree_spec(spec)) == pytest.approx(tokens / steps), spec
+
+
+def test_save_default_tree_is_atomic_and_validated(model_dir, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    save_default_tree(d, "[[0],[1],[0,0]]")
+    model, config = load_model(d)
+    assert model.spec.default_tree == "[[0],[1],[0,0]]" and resolve_tree(model, None).size == 4
+    assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in model_dir.iterdir())  # no temp file left
+    for bad in ["x", "1,1,1,1", "[]"]:
+        with pytest.raises(ValueError, match="Malformed|levels of drafts"):
+            save_default_tree(d, bad)
+    assert json.loads((d / "config.json").read_text())["speculative_streaming"]["default_tree"] == "[[0],[1],[0,0]]"
+    plain = write_tiny_model_dir(tmp_path / "plain", "llama", spec=None)
+    with pytest.raises(ValueError, match="no 'speculative_streaming' block"):
+        save_default_tree(plain, "2")
+
+
+def test_bench_tune_writes_a_default_tree_that_loads_back(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tune_mod, "MAX_NODES", 8)  # keep the step-cost sweep short on the reference BLAS
+    monkeypatch.setattr(tune_mod, "COST_STEPS", 4)
+    monkeypatch.setattr(tune_mod, "COST_ROUNDS", 1)
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "abcabc"}, {"prompt": "hello hello"}])
+    out_json = tmp_path / "r.json"
+    code = main(["bench", "--model", str(d), "--data", str(data), "--max-tokens", "12", "--repeats", "1", "--tune",
+                 "--json", str(out_json)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    r = json.loads(out_json.read_text())
+    t = r["tune"]
+    model, _ = load_model(d)
+    assert model.spec.default_tree == t["tree"] == r["settings"]["tree"]
+    assert resolve_tree(model, None).size == t["size"] <= 8
+    # in-sample greedy calibration predicts the measured tokens per step exactly
+    assert t["expected_tokens_per_step"] == pytest.approx(t["measured_tokens_per_step"])
+    assert t["expected_speedup"] > 0 and len(t["step_cost_s"]) == 8 and t["step_cost_ar_s"] > 0
+    assert t["step_cost_s"] == sorted(t["step_cost_s"])
+    assert "### tuning: chose tree" in out.out
