@@ -17,7 +17,9 @@ from .sampling import SamplingParams, make_sampler
 from .streams import AR_PLAN, Plan, SpecStreamModel, prefill_plan, tree_plan
 from .tree import Tree, TreeSpec, parse_tree_spec
 
-DEFAULT_TREE = (4, 2, 2, 1)  # per-depth top-k, cut to the model's number of streams
+# Per-depth top-k, cut to the number of streams: 13 nodes at γ = 4, cheap enough on a CPU.
+# `specstream bench --tune` measures and saves a better tree per model and device.
+DEFAULT_TREE = (3, 1, 1, 1)
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
 
