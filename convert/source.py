@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from mlx_specstream.config import EXTRAS_FILE
+from mlx_specstream.loading import TOKENIZER_FILES  # one list for the loader and the converter
 
 from .errors import ConversionError
 
@@ -24,18 +25,6 @@ _PATTERNS = [
 _BIN_PATTERNS = ["pytorch_model*.bin", "adapter_model.bin"]  # only when a repo has no safetensors
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
 
 def resolve_source(path_or_id: str | Path) -> Path:

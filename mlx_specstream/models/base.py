@@ -109,6 +109,43 @@ def _scale_inv_freq(inv_freq: mx.array, scaling: Optional[dict[str, Any]]) -> mx
     )
 
 
+class RotaryCausalLM(nn.Module):
+    """What the rotary families share around their decoder ``self.model``.
+
+    Subclasses set ``self.args``, ``self._rope`` (a :class:`RotaryTables`), ``self.model``
+    (with ``embed_tokens``, ``layers`` and the final norm named by ``final_norm``) and, when
+    embeddings are untied, ``self.lm_head``.
+    """
+
+    final_norm = "norm"
+
+    @property
+    def layers(self) -> list:
+        return self.model.layers
+
+    @property
+    def max_positions(self):
+        return None  # rotary positions have no hard limit
+
+    def rope_tables(self, positions: mx.array):
+        return self._rope.tables(positions)
+
+    def embed(self, tokens: mx.array, positions: mx.array) -> mx.array:
+        return self.model.embed_tokens(tokens)
+
+    def head(self, h: mx.array) -> mx.array:
+        h = getattr(self.model, self.final_norm)(h)
+        if self.args.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(h)
+        return self.lm_head(h)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        return weights
+
+
 def attention(
     q: mx.array, k: mx.array, v: mx.array, ctx: Context, cache, scale: float
 ) -> mx.array:

@@ -11,7 +11,9 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, Context, RotaryTables, activation, attention, proj, split_heads
+from .base import (
+    BaseModelArgs, Context, RotaryCausalLM, RotaryTables, activation, attention, proj, split_heads,
+)
 
 
 @dataclasses.dataclass
@@ -124,7 +126,7 @@ class LlamaModel(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
 
-class Model(nn.Module):
+class Model(RotaryCausalLM):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -133,29 +135,3 @@ class Model(nn.Module):
         self.model = LlamaModel(args, self._rope)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return self.model.layers
-
-    @property
-    def max_positions(self):
-        return None  # rotary positions have no hard limit
-
-    def rope_tables(self, positions: mx.array):
-        return self._rope.tables(positions)
-
-    def embed(self, tokens: mx.array, positions: mx.array) -> mx.array:
-        return self.model.embed_tokens(tokens)
-
-    def head(self, h: mx.array) -> mx.array:
-        h = self.model.norm(h)
-        if self.args.tie_word_embeddings:
-            return self.model.embed_tokens.as_linear(h)
-        return self.lm_head(h)
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        if self.args.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
-        return weights
