@@ -1,48 +1,75 @@
-"""A preallocated key/value cache that commits an accepted tree path by gathering it into place.
+"""A fixed-capacity key/value cache that commits an accepted tree path by gathering it into place.
 
 Each step writes the keys/values of all its new tokens (tree nodes, then stream tokens) at
-``[offset, offset + S)``; attention reads ``[0, offset + S)``. Nothing is committed until the
-generator knows which nodes were accepted: ``commit(path)`` gathers their entries to
-``[offset, offset + len(path))`` and advances ``offset``. Rejected nodes and stream tokens
-stay behind as garbage and are overwritten by the next step, so stream keys/values never
-enter the cache for good and the buffer never shrinks or reallocates per step.
+``[offset, offset + S)``. Attention always reads the **whole buffer** through a mask that
+shows the committed prefix ``[0, offset)`` plus the step's own tokens as its local mask
+allows: shapes never depend on ``offset``, so a decoding step traces once and runs as one
+compiled graph for the whole generation (:mod:`.compiled`), with ``offset`` a device scalar.
+Nothing is committed until the generator knows which nodes were accepted: ``commit(path)``
+gathers their entries to ``[offset, offset + len(path))`` and advances ``offset``. Rejected
+nodes and stream tokens stay behind as garbage, hidden by the mask and overwritten by the
+next step, so stream keys/values never enter the cache for good.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import mlx.core as mx
 
-GROWTH = 256  # extra room taken whenever the buffer must grow
+GROWTH = 256  # extra room taken whenever an eagerly used buffer must grow
+Offset = Union[int, mx.array]
 
 
 class KVCache:
+    """One layer's buffer. ``offset`` is a host int when used eagerly, a scalar array inside
+    a compiled step (see :meth:`view`)."""
+
     def __init__(self, capacity: int = 0):
-        self.capacity = capacity  # initial token capacity; allocated on first write
+        self.capacity = capacity  # token capacity; allocated on first write
         self.keys: Optional[mx.array] = None
         self.values: Optional[mx.array] = None
-        self.offset = 0
+        self.offset: Offset = 0
 
-    def _ensure(self, needed: int, like_k: mx.array, like_v: mx.array) -> None:
-        if self.keys is not None and self.keys.shape[2] >= needed:
+    @classmethod
+    def view(cls, keys: mx.array, values: mx.array, offset: Offset, window: Optional[int] = None) -> "KVCache":
+        """A cache over existing buffers ``[B, H, C, D]`` (inside a compiled step). Attention
+        reads only the first ``window`` entries (a static bound >= offset + new tokens): keys
+        past it are all masked anyway, and every key read costs an exp in the softmax."""
+        c = cls(keys.shape[2])
+        c.keys, c.values, c.offset = keys, values, offset
+        c.window = window
+        return c
+
+    window: Optional[int] = None
+
+    def reserve(self, needed: int) -> None:
+        """Make room for ``needed`` tokens (eager use only: a compiled step's shapes are fixed)."""
+        if needed <= self.capacity:
             return
-        size = max(needed + GROWTH, self.capacity)
-        b, h, _, dk = like_k.shape
-        new_k = mx.zeros((b, h, size, dk), like_k.dtype)
-        new_v = mx.zeros((b, h, size, like_v.shape[3]), like_v.dtype)
-        if self.keys is not None and self.offset:
-            new_k[..., : self.offset, :] = self.keys[..., : self.offset, :]
-            new_v[..., : self.offset, :] = self.values[..., : self.offset, :]
-        self.keys, self.values = new_k, new_v
+        self.capacity = max(needed + GROWTH, self.capacity)
+        if self.keys is not None:
+            self.keys, self.values = _grow(self.keys, self.capacity), _grow(self.values, self.capacity)
+
+    def attention_mask(self, local: Optional[mx.array], n: int) -> mx.array:
+        """``[n, C]`` bool (True = may attend): the committed prefix, then ``local`` ``[n, n]``
+        (None = every new token sees every other) over the new tokens, nothing beyond."""
+        return buffer_mask(local, n, self.offset, self.window or self.capacity)
 
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        """Write ``S`` new entries ``[B, H, S, D]`` after the committed prefix; return all ``offset + S``."""
-        end = self.offset + k.shape[2]
-        self._ensure(end, k, v)
-        self.keys[..., self.offset : end, :] = k
-        self.values[..., self.offset : end, :] = v
-        return self.keys[..., :end, :], self.values[..., :end, :]
+        """Write ``S`` new entries ``[B, H, S, D]`` at ``offset``; return the whole buffers."""
+        if isinstance(self.offset, int):
+            self.reserve(self.offset + k.shape[2])
+        if self.keys is None:
+            b, h, _, _ = k.shape
+            self.keys = mx.zeros((b, h, self.capacity, k.shape[3]), k.dtype)
+            self.values = mx.zeros((b, h, self.capacity, v.shape[3]), v.dtype)
+        start = _as_array(self.offset)
+        self.keys = mx.slice_update(self.keys, k, start, axes=(2,))
+        self.values = mx.slice_update(self.values, v, start, axes=(2,))
+        if self.window is not None:
+            return self.keys[..., : self.window, :], self.values[..., : self.window, :]
+        return self.keys, self.values
 
     def commit(self, path: Optional[Sequence[int]], count: int = 0) -> None:
         """Keep new entries ``path`` (indices relative to ``offset``), or the first ``count`` if None."""
@@ -50,11 +77,17 @@ class KVCache:
             self.offset += count
             return
         n = len(path)
-        if list(path) != list(range(n)):  # a prefix of the new tokens is already in place
-            idx = mx.array(path, dtype=mx.int32) + self.offset
-            self.keys[..., self.offset : self.offset + n, :] = self.keys[..., idx, :]
-            self.values[..., self.offset : self.offset + n, :] = self.values[..., idx, :]
+        if list(path) != list(range(n)):  # otherwise a prefix of the new tokens is already in place
+            self.gather(mx.array(list(path), dtype=mx.int32))
         self.offset += n
+
+    def gather(self, path: mx.array) -> None:
+        """Copy new entries ``path`` ``[n]`` (relative to ``offset``) to ``[offset, offset + n)``;
+        ``offset`` is left to the caller (device-side commit inside a compiled step)."""
+        start = _as_array(self.offset)
+        idx = path + start
+        self.keys = mx.slice_update(self.keys, mx.take(self.keys, idx, axis=2), start, axes=(2,))
+        self.values = mx.slice_update(self.values, mx.take(self.values, idx, axis=2), start, axes=(2,))
 
     @property
     def nbytes(self) -> int:
@@ -62,6 +95,41 @@ class KVCache:
 
     def state(self) -> tuple[Optional[mx.array], Optional[mx.array]]:
         return self.keys, self.values
+
+
+def buffer_mask(local: Optional[mx.array], n: int, offset: Offset, capacity: int) -> mx.array:
+    """The attention mask of ``n`` new tokens written at ``offset`` into a ``capacity`` buffer.
+
+    Example, ``offset`` 2, ``capacity`` 6, local = a 2-token chain::
+
+        key      0 1 | 2 3 | 4 5
+        token 0  1 1 | 1 0 | 0 0
+        token 1  1 1 | 1 1 | 0 0
+    """
+    rel = mx.arange(capacity, dtype=mx.int32) - _as_array(offset)  # key position - offset
+    prefix = rel < 0
+    if local is None:
+        return mx.broadcast_to((rel < n)[None, :], (n, capacity))
+    inside = (rel >= 0) & (rel < n)
+    cols = mx.take(local, mx.clip(rel, 0, n - 1), axis=1)  # [n, C]: local[:, rel]
+    return prefix[None, :] | (inside[None, :] & cols)
+
+
+def _as_array(offset: Offset) -> mx.array:
+    return offset if isinstance(offset, mx.array) else mx.array(offset, dtype=mx.int32)
+
+
+def _grow(buf: mx.array, capacity: int) -> mx.array:
+    b, h, c, d = buf.shape
+    return mx.concatenate([buf, mx.zeros((b, h, capacity - c, d), buf.dtype)], axis=2)
+
+
+def reserve_all(cache: Sequence[KVCache], new_tokens: int) -> None:
+    """Before an eager pass: room for ``new_tokens`` more in every layer (same capacity everywhere,
+    so one mask fits all layers)."""
+    for c in cache:
+        if isinstance(c.offset, int):
+            c.reserve(c.offset + new_tokens)
 
 
 def make_cache(num_layers: int, capacity: int = 0) -> list[KVCache]:

@@ -13,13 +13,17 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import mlx.core as mx
 
 from .cache import make_cache
+from .compiled import step_function
 from .sampling import SamplingParams, make_sampler
-from .streams import AR_PLAN, Plan, SpecStreamModel, prefill_plan, tree_plan
+from .streams import AR_PLAN, SpecStreamModel, chain_plan, prefill_plan, tree_plan
 from .tree import Tree, TreeSpec, parse_tree_spec
+from .verify import accept, draft
 
 # Per-depth top-k, cut to the number of streams: 13 nodes at γ = 4, cheap enough on a CPU.
 # `specstream bench --tune` measures and saves a better tree per model and device.
 DEFAULT_TREE = (3, 1, 1, 1)
+CAPACITY_QUANTUM = 128  # cache capacities are multiples of this (one compiled trace per capacity)
+WINDOW_QUANTUM = 32  # attention windows are multiples of this (one compiled trace per window)
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
 
@@ -50,32 +54,9 @@ def resolve_tree(model: SpecStreamModel, tree: Optional[TreeSpec]) -> Optional[T
     return parsed
 
 
-def _accept(tokens: mx.array, chosen: mx.array, plan: Plan) -> tuple[mx.array, mx.array]:
-    """Walk the tree on the device (DESIGN.md rule 8), vectorised over nodes.
-
-    tokens ``[T]`` node tokens, chosen ``[T]`` the main stream's choice at each node.
-    A node matches if its token equals its parent's choice; it is accepted if it and all its
-    ancestors match. Siblings carry distinct tokens, so the deepest accepted node is unique.
-    Returns the index of that node and the tokens along its path ``[D + 1]``.
-    """
-    match = (tokens == chosen[plan.parent_index]) | (plan.depth_dev == 0)
-    ok = mx.all(match[None, :] | ~plan.ancestors, axis=1)
-    best = mx.argmax(mx.where(ok, plan.depth_dev, -1))
-    return best, tokens[plan.paths_dev[best]]
-
-
-def _draft(model: SpecStreamModel, stream_hidden: mx.array, plan: Plan) -> mx.array:
-    """Stream states ``[γ, h]`` of the accepted node -> draft tokens ``[T - 1]`` of the next tree."""
-    depth = plan.tree.max_depth
-    logits = model.stream_logits(stream_hidden[:depth]).astype(mx.float32)  # [D, V]
-    k = plan.width
-    if k == 1:
-        top = mx.argmax(logits, axis=-1)[:, None]
-    else:
-        part = mx.argpartition(-logits, kth=k - 1, axis=-1)[:, :k]
-        order = mx.argsort(-mx.take_along_axis(logits, part, axis=-1), axis=-1)
-        top = mx.take_along_axis(part, order, axis=-1)
-    return top[plan.draft_depth, plan.draft_rank].astype(mx.int32)
+def _capacity(tokens: int) -> int:
+    """Cache capacity for ``tokens``, rounded up so prompts of similar length share compiled steps."""
+    return -(-tokens // CAPACITY_QUANTUM) * CAPACITY_QUANTUM
 
 
 def generate_step(
@@ -89,6 +70,7 @@ def generate_step(
     prune_threshold: Optional[float] = None,
     cache: Optional[list] = None,
     drafter=None,
+    compile: bool = True,
 ) -> Iterator[Step]:
     """Yield the tokens of each decoding step, the prefill's first token included.
 
@@ -98,61 +80,107 @@ def generate_step(
     list to receive the per-layer caches (for inspection); a fresh one is made otherwise.
     ``drafter``: an object with ``propose(history) -> list[int]`` (e.g. :class:`PromptLookup`)
     whose chain of drafts replaces the streams' tree; verified the same way.
+    ``compile``: run decoding steps as compiled graphs (:mod:`.compiled`; the same
+    arithmetic, far fewer launches); False runs them eagerly. Pruning always runs eagerly
+    (the pruned tree's shape changes every step).
     """
-    if drafter is not None:
-        yield from _drafter_steps(model, prompt, drafter, max_tokens, make_sampler(sampling), cache)
-        return
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("The prompt must be a non-empty 1-D sequence of token ids.")
-    sampler = make_sampler(sampling)
-    use_streams = speculate and model.num_streams > 0
+    sampling.validate()
+    use_streams = speculate and model.num_streams > 0 and drafter is None
     draft_tree = resolve_tree(model, tree) if use_streams else None
     plan = tree_plan(draft_tree, model.num_streams) if use_streams else AR_PLAN
     if prune_threshold is None and model.spec is not None and model.spec.pruning is not None:
         prune_threshold = model.spec.pruning.threshold
+    new_per_step = plan.n_main * (1 + plan.num_streams) if use_streams else 1
+    if drafter is not None:
+        new_per_step = drafter.num_draft + 1
     limit = getattr(model.base, "max_positions", None)
-    needed = prompt.size + max_tokens + plan.n_main
+    needed = prompt.size + max_tokens + (plan.n_main if use_streams else new_per_step)
     if limit is not None and needed > limit:
         raise ValueError(
             f"Prompt ({prompt.size} tokens) + max_tokens ({max_tokens}) exceeds the model's "
             f"{limit} positions; shorten the prompt or lower max_tokens."
         )
-    extra = plan.n_main * (1 + model.num_streams) if use_streams else 1
-    layers_cache = make_cache(model.num_layers, capacity=prompt.size + max_tokens + extra + 1)
+    layers_cache = make_cache(model.num_layers, capacity=_capacity(prompt.size + max_tokens + new_per_step + 1))
     if cache is not None:
         cache.extend(layers_cache)
     cache = layers_cache
 
-    out = model.forward(prompt[None], cache, prefill_plan(prompt.size, model.num_streams if use_streams else 0), use_streams)
+    sampler = make_sampler(sampling)
+    out = model.forward(prompt[None], cache, prefill_plan(prompt.size, plan.num_streams if use_streams else 0), use_streams)
     root = sampler(out.logits[-1:])
-    drafts = _draft(model, out.stream_hidden[-1], plan) if use_streams else None
+    drafts = draft(model, out.stream_hidden[-1], plan) if use_streams else None
     mx.eval(root, drafts) if drafts is not None else mx.eval(root)
     for c in cache:
         c.commit(None, prompt.size)
     yield Step([root.item()], 0, prefill=True)
 
-    emitted = 1
-    msa_start = model.msa_start
-    while emitted < max_tokens:
-        if not use_streams:
-            out = model.forward(root[None], cache, AR_PLAN, streams=False)
-            root = sampler(out.logits)
-            mx.eval(root)
-            for c in cache:
-                c.commit(None, 1)
-            emitted += 1
-            yield Step([root.item()], 0)
-            continue
+    if drafter is not None:
+        yield from _drafter_steps(model, cache, root, prompt.tolist(), drafter, max_tokens, sampling, compile)
+    elif not use_streams:
+        yield from _ar_steps(model, cache, root, max_tokens, sampling, compile)
+    elif prune_threshold and model.has_pruning:
+        yield from _pruned_tree_steps(model, cache, root, drafts, plan, max_tokens, sampler, prune_threshold)
+    else:
+        yield from _tree_steps(model, cache, mx.concatenate([root, drafts]), plan, max_tokens, sampling, compile)
 
+
+def _run(model, kind: str, plan, sampling, compile: bool, tokens: mx.array, cache: list) -> tuple[list[int], mx.array]:
+    """One step of ``kind`` (:mod:`.compiled`); updates ``cache``'s buffers, returns (info, next tokens).
+
+    Attention reads a window of the buffer just past ``offset`` + this step's new tokens,
+    rounded up to ``WINDOW_QUANTUM`` so a generation reuses a handful of compiled traces.
+    """
+    offset = cache[0].offset
+    new = plan.msa_mask.shape[0] if kind == "tree" else plan.n_main
+    window = min(cache[0].capacity, -(-(offset + new) // WINDOW_QUANTUM) * WINDOW_QUANTUM)
+    fn = step_function(model, kind, plan, sampling, compile, window)
+    keys, values = [c.keys for c in cache], [c.values for c in cache]
+    info, nxt, keys, values = fn(tokens, mx.array(offset, dtype=mx.int32), keys, values)
+    for c, k, v in zip(cache, keys, values):
+        c.keys, c.values = k, v  # drop the old buffers first, so the step may update them in place
+    mx.eval(info, nxt, keys, values)
+    return info.tolist(), nxt
+
+
+def _ar_steps(model, cache, root, max_tokens, sampling, compile) -> Iterator[Step]:
+    emitted = 1
+    while emitted < max_tokens:
+        info, root = _run(model, "ar", AR_PLAN, sampling, compile, root, cache)
+        for c in cache:
+            c.commit(None, 1)
+        emitted += 1
+        yield Step(info, 0)
+
+
+def _tree_steps(model, cache, tokens, plan, max_tokens, sampling, compile) -> Iterator[Step]:
+    """Speculative steps: each verifies the tree in ``tokens`` and drafts the next one."""
+    emitted = 1
+    while emitted < max_tokens:
+        info, tokens = _run(model, "tree", plan, sampling, compile, tokens, cache)
+        depth = info[0]
+        for c in cache:
+            c.commit(None, depth + 1)  # the step gathered the accepted path into place
+        step_tokens = info[2 : depth + 2] + [info[-1]]
+        emitted += len(step_tokens)
+        yield Step(step_tokens, depth)
+
+
+def _pruned_tree_steps(model, cache, root, drafts, plan, max_tokens, sampler, threshold) -> Iterator[Step]:
+    """Speculative steps with tree pruning, run eagerly: the kept subtree changes every step."""
+    msa_start = model.msa_start
+    emitted = 1
+    while emitted < max_tokens:
         tokens = mx.concatenate([root, drafts])
-        out = model.forward(tokens[None], cache, plan, True, prune_threshold)
+        out = model.forward(tokens[None], cache, plan, True, threshold)
         run = out.plan
         if out.keep is not None:
             tokens = tokens[mx.array(out.keep)]
         chosen = sampler(out.logits)
-        best, path_tokens = _accept(tokens, chosen, run)
+        best, path_tokens = accept(tokens, chosen, run)
         root = chosen[best][None]
-        drafts = _draft(model, out.stream_hidden[best], plan)
+        drafts = draft(model, out.stream_hidden[best], plan)
         mx.eval(best, path_tokens, root, drafts)
 
         b = best.item()
@@ -168,35 +196,18 @@ def generate_step(
         yield Step(step_tokens, depth)
 
 
-def _drafter_steps(model, prompt, drafter, max_tokens, sampler, cache_out) -> Iterator[Step]:
+def _drafter_steps(model, cache, root, prompt, drafter, max_tokens, sampling, compile) -> Iterator[Step]:
     """Verify an external drafter's chains with the main stream (no speculative streams)."""
-    cache = make_cache(model.num_layers, capacity=prompt.size + max_tokens + drafter.num_draft + 2)
-    if cache_out is not None:
-        cache_out.extend(cache)
-    out = model.forward(prompt[None], cache, prefill_plan(prompt.size, 0), streams=False)
-    root = sampler(out.logits[-1:])
-    mx.eval(root)
-    for c in cache:
-        c.commit(None, prompt.size)
-    history = prompt.tolist() + [root.item()]
-    yield Step([history[-1]], 0, prefill=True)
+    history = prompt + [root.item()]
     emitted = 1
     while emitted < max_tokens:
         drafts = drafter.propose(history)[: max(0, max_tokens - emitted - 1)]
-        plan = tree_plan(Tree(tuple(tuple([0] * d) for d in range(len(drafts) + 1))), 0)
-        tokens = mx.array([history[-1]] + drafts, dtype=mx.int32)
-        out = model.forward(tokens[None], cache, plan, streams=False)
-        chosen = sampler(out.logits)
-        if drafts:
-            best, path_tokens = _accept(tokens, chosen, plan)
-        else:
-            best, path_tokens = mx.array(0), tokens
-        root = chosen[best]
-        mx.eval(best, root, path_tokens)
-        depth = best.item()
+        kind, plan = ("chain", chain_plan(len(drafts))) if drafts else ("ar", AR_PLAN)
+        info, _ = _run(model, kind, plan, sampling, compile, mx.array([history[-1]] + drafts, dtype=mx.int32), cache)
+        depth = info[0] if kind == "chain" else 0
         for c in cache:
             c.commit(None, depth + 1)  # a chain: the accepted path is already in place
-        step = drafts[:depth] + [root.item()]
+        step = drafts[:depth] + [info[-1]]
         history.extend(step)
         emitted += len(step)
         yield Step(step, depth)

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .cache import reserve_all
 from .config import SpecStreamConfig
 from .models.base import Context
 from .tree import Tree, ancestor_mask, causal_mask, path_matrix, stream_layout
@@ -65,7 +66,8 @@ class Plan:
     """Everything a forward pass needs about the layout of its new tokens, on the device.
 
     Built once per tree shape (and per prompt length for prefill), then reused every step.
-    ``T`` main tokens; streams for ``stream_nodes``; ``S = T + len(stream_nodes) * γ``.
+    ``T`` main tokens; ``num_streams`` streams (g <= γ) for each of ``stream_nodes``;
+    ``S = T + len(stream_nodes) * g``.
     """
 
     tree: Optional[Tree]
@@ -74,6 +76,7 @@ class Plan:
     main_mask: Optional[mx.array]  # [T, T] or None for a single token
     main_offsets: mx.array  # [T]
     stream_nodes: np.ndarray  # [n]
+    num_streams: int  # streams per stream node (the first g of the model's γ)
     msa_mask: Optional[mx.array]  # [S, S]
     msa_offsets: Optional[mx.array]  # [S]
     # acceptance helpers (tree plans only)
@@ -116,6 +119,7 @@ def _plan(
         main_mask=None if t == 1 else mx.array(main_mask),
         main_offsets=mx.array(depth),
         stream_nodes=stream_nodes,
+        num_streams=num_streams if len(stream_nodes) else 0,
         msa_mask=msa_mask,
         msa_offsets=msa_offsets,
         **extra,
@@ -124,9 +128,23 @@ def _plan(
 
 @functools.lru_cache(maxsize=256)
 def tree_plan(tree: Tree, num_streams: int) -> Plan:
-    """Plan for one speculative step: streams on every node (any node may be accepted)."""
-    depth = tree.depth
-    return _plan(ancestor_mask(tree.parents), depth, np.arange(tree.size), num_streams, tree)
+    """Plan for one speculative step: streams on every node (any node may be accepted).
+
+    Only the first ``min(γ, depth of the tree)`` streams run: the next tree uses no others,
+    and stream j never sees streams above j (rule 3), so dropping them changes nothing else.
+    """
+    return _tree_plan(tree, min(num_streams, tree.max_depth))
+
+
+@functools.lru_cache(maxsize=256)
+def _tree_plan(tree: Tree, streams_per_node: int) -> Plan:
+    return _plan(ancestor_mask(tree.parents), tree.depth, np.arange(tree.size), streams_per_node, tree)
+
+
+@functools.lru_cache(maxsize=64)
+def chain_plan(num_drafts: int) -> Plan:
+    """Plan for verifying a chain of ``num_drafts`` external drafts (no streams)."""
+    return tree_plan(Tree(tuple((0,) * d for d in range(num_drafts + 1))), 0)
 
 
 def prefill_plan(length: int, num_streams: int) -> Plan:
@@ -138,17 +156,15 @@ def prefill_plan(length: int, num_streams: int) -> Plan:
 AR_PLAN = _plan(np.ones((1, 1), dtype=bool), np.zeros(1, dtype=np.int32), np.zeros(0, np.int64), 0)
 
 
-def _with_prefix(mask: Optional[mx.array], offset: int) -> Optional[mx.array]:
-    """Local ``[S, S]`` mask -> ``[S, offset + S]``: every new token sees the whole committed prefix."""
-    if mask is None or offset == 0:
-        return mask
-    return mx.concatenate([mx.ones((mask.shape[0], offset), dtype=mx.bool_), mask], axis=1)
+def _mask(cache: Sequence, local: Optional[mx.array], n: int) -> Optional[mx.array]:
+    """Local ``[n, n]`` mask -> the mask over the cache buffer (the local one without a cache)."""
+    return cache[0].attention_mask(local, n) if cache else local
 
 
 @dataclasses.dataclass
 class StepOutput:
     logits: mx.array  # [T, V] main-stream logits of the (kept) nodes
-    stream_hidden: Optional[mx.array]  # [n, γ, h] stream states of stream_nodes, before the head
+    stream_hidden: Optional[mx.array]  # [n, g, h] stream states of stream_nodes, before the head
     plan: Plan  # the plan actually run (a pruned subtree's when pruning dropped nodes)
     keep: Optional[np.ndarray] = None  # kept node indices of the original plan, if pruned
 
@@ -231,12 +247,12 @@ class SpecStreamModel(nn.Module):
         """Early next-token logits from the main state at the streams' insertion point."""
         return self.base.head(self.pruning(hidden))
 
-    def _insert_streams(self, m: mx.array, nodes: np.ndarray) -> mx.array:
-        """``M [B, T, h]`` -> stream tokens ``[B, n * γ, h]``, node-major: f(M[t]) + P[j]."""
+    def _insert_streams(self, m: mx.array, nodes: np.ndarray, num_streams: int) -> mx.array:
+        """``M [B, T, h]`` -> stream tokens ``[B, n * g, h]``, node-major: f(M[t]) + P[j], j <= g."""
         src = m[:, mx.array(nodes)] if len(nodes) != m.shape[1] else m
         if "stream_init" in self:
             src = self.stream_init(src)
-        s = src[:, :, None, :] + self.stream_embeddings.astype(src.dtype)
+        s = src[:, :, None, :] + self.stream_embeddings[:num_streams].astype(src.dtype)
         return s.reshape(m.shape[0], -1, m.shape[-1])
 
     def forward(
@@ -257,10 +273,12 @@ class SpecStreamModel(nn.Module):
         offset = cache[0].offset if cache else 0
         streams = streams and self.num_streams > 0 and plan.msa_mask is not None
         split = self.msa_start if streams else len(layers)
+        if cache:
+            reserve_all(cache, plan.msa_mask.shape[0] if streams else plan.n_main)
 
         pos = plan.main_offsets + offset
         h = base.embed(tokens, pos)
-        ctx = Context(pos, _with_prefix(plan.main_mask, offset), plan.n_main, base.rope_tables(pos))
+        ctx = Context(pos, _mask(cache, plan.main_mask, plan.n_main), plan.n_main, base.rope_tables(pos))
         for i in range(split):
             h = layers[i](h, ctx, cache[i] if cache else None)
         if not streams:
@@ -270,16 +288,17 @@ class SpecStreamModel(nn.Module):
         if prune_threshold and self.has_pruning and plan.tree is not None and plan.n_main > 1:
             keep = self._prune(h, tokens, plan, prune_threshold)
             if keep is not None:
-                plan = tree_plan(plan.tree.subtree(keep.tolist()), self.num_streams)
+                # the same streams per node: the next tree is drafted to the full tree's depth
+                plan = _tree_plan(plan.tree.subtree(keep.tolist()), plan.num_streams)
                 h = h[:, mx.array(keep)]
 
-        x = mx.concatenate([h, self._insert_streams(h, plan.stream_nodes)], axis=1)
+        x = mx.concatenate([h, self._insert_streams(h, plan.stream_nodes, plan.num_streams)], axis=1)
         upos = plan.msa_offsets + offset
-        ctx = Context(upos, _with_prefix(plan.msa_mask, offset), plan.n_main, base.rope_tables(upos))
+        ctx = Context(upos, _mask(cache, plan.msa_mask, plan.msa_mask.shape[0]), plan.n_main, base.rope_tables(upos))
         for i in range(split, len(layers)):
             x = layers[i](x, ctx, cache[i] if cache else None)
         t = plan.n_main
-        stream_h = x[0, t:].reshape(len(plan.stream_nodes), self.num_streams, -1)
+        stream_h = x[0, t:].reshape(len(plan.stream_nodes), plan.num_streams, -1)
         return StepOutput(base.head(x[:, :t])[0], stream_h, plan, keep)
 
     def _prune(self, h: mx.array, tokens: mx.array, plan: Plan, threshold: float) -> Optional[np.ndarray]:
@@ -322,7 +341,7 @@ class SpecStreamModel(nn.Module):
         for i in range(self.msa_start):
             h = layers[i](h, ctx, None)
         prune = self.pruning_logits(h) if self.has_pruning else None
-        streams = self._insert_streams(h, plan.stream_nodes)
+        streams = self._insert_streams(h, plan.stream_nodes, g)
         if stream_delta is not None:
             streams = streams + stream_delta.reshape(streams.shape)
         x = mx.concatenate([h, streams], axis=1)

@@ -1,8 +1,8 @@
 """Pieces every model family shares: the forward context, rotary tables, attention.
 
 A forward pass processes ``S`` new tokens per layer. Their keys/values are written into the
-layer's cache at ``[offset, offset + S)`` and attention runs over ``[0, offset + S)`` with an
-explicit boolean mask, so one code path serves prefill, autoregressive steps and tree steps
+layer's cache at ``[offset, offset + S)`` and attention runs over the whole cache buffer with
+an explicit boolean mask, so one code path serves prefill, autoregressive steps and tree steps
 with speculative streams (whose keys/values land in scratch space and are never committed).
 """
 
@@ -30,8 +30,9 @@ class Context:
     """What every layer of one forward pass needs, built once per pass.
 
     positions: ``[S]`` int32 rotary positions of the new tokens.
-    mask: ``[S, offset + S]`` bool (True = may attend), or None when every query sees
-        every key (a single new token).
+    mask: ``[S, K]`` bool (True = may attend) over the ``K`` keys attention reads (the whole
+        cache buffer, see :mod:`..cache`; the new tokens alone without a cache), or None when
+        every query sees every key.
     n_main: how many of the S tokens are main-stream tokens (they come first); the rest
         are speculative-stream tokens, seen by stream-only adapters.
     rope: per-family rotary tables for ``positions`` (cos, sin), or None.

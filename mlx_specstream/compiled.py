@@ -1,0 +1,121 @@
+"""Decoding steps as compiled graphs: one trace per step kind, reused for every step.
+
+Why: a small model's decoding step is a few hundred tiny operations, and launching them one
+at a time costs more than their arithmetic (tens of microseconds each on a CPU). A compiled
+step fuses the elementwise work (rotary embeddings, masks, activations, acceptance) and no
+longer rebuilds the graph in Python every step. Its shapes are static: the cache buffers
+have a fixed capacity and the offset is a device scalar (see :mod:`.cache`), so one trace
+serves every step of every generation with the same step kind, tree, sampler and capacity.
+
+Every step function maps ``(tokens, offset, keys, values)`` to ``(info, next_tokens, keys,
+values)``; ``keys``/``values`` are the per-layer cache buffers ``[1, H, C, D]``:
+
+* ``"ar"``: one token, plain decoding. info ``[1]`` = the next token.
+* ``"tree"``: verify the draft tree, walk it, gather the accepted path into place in every
+  layer's cache, draft the next tree from the accepted node's streams (DESIGN.md rule 8).
+  info ``[D + 3]`` = (depth d of the accepted node, its path's tokens ``[D + 1]``, bonus token).
+* ``"chain"``: verify an external drafter's chain (prompt lookup) with the main stream only;
+  a chain's accepted path is already in place. info as for ``"tree"``.
+
+``next_tokens`` is the next step's input (the bonus token, then the new drafts); the caller
+advances its host-side offset by ``d + 1`` (``1`` for ``"ar"``).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from .cache import KVCache
+from .sampling import SamplingParams, make_sampler
+from .streams import Plan
+from .verify import accept, draft
+
+StepFn = Callable[..., tuple]
+
+# id(model) -> (model, {(kind, plan key, sampling, compiled, window): step}), most recent last.
+# A compiled step holds its model, so the table keeps at most MAX_MODELS models alive; an id
+# cannot be reused while its model is in the table.
+MAX_MODELS = 4
+_TABLES: "collections.OrderedDict[int, tuple[object, dict]]" = collections.OrderedDict()
+
+
+def step_function(model, kind: str, plan: Plan, sampling: SamplingParams, compile: bool = True,
+                  window: Optional[int] = None) -> StepFn:
+    """The (cached) step of ``kind`` for ``model`` and ``plan``, its attention reading the first
+    ``window`` cache entries (None: all); ``compile=False`` gives the same function run eagerly."""
+    key = (kind, plan.tree, plan.n_main, sampling, compile, window)
+    table = _model_table(model)
+    fn = table.get(key)
+    if fn is None:
+        fn = functools.partial(_KINDS[kind], model, plan, make_sampler(sampling), window)
+        if compile:
+            # Parameters are read at every call (not frozen into the trace), and sampling
+            # advances the global random state as eager code would.
+            if sampling.greedy:
+                fn = mx.compile(fn, inputs=model.state)
+            else:
+                fn = mx.compile(fn, inputs=[model.state, mx.random.state], outputs=mx.random.state)
+        table[key] = fn
+    return fn
+
+
+def _model_table(model) -> dict:
+    key = id(model)
+    entry = _TABLES.get(key)
+    if entry is None:
+        entry = _TABLES[key] = (model, {})
+        while len(_TABLES) > MAX_MODELS:
+            _TABLES.popitem(last=False)
+    _TABLES.move_to_end(key)
+    return entry[1]
+
+
+def clear() -> None:
+    """Forget every compiled step (and release the models they hold)."""
+    _TABLES.clear()
+
+
+def _views(keys, values, offset, window) -> list[KVCache]:
+    return [KVCache.view(k, v, offset, window) for k, v in zip(keys, values)]
+
+
+def _buffers(cache: list[KVCache]) -> tuple[list[mx.array], list[mx.array]]:
+    return [c.keys for c in cache], [c.values for c in cache]
+
+
+def _ar_step(model, plan, sampler, window, tokens, offset, keys, values):
+    cache = _views(keys, values, offset, window)
+    out = model.forward(tokens[None], cache, plan, streams=False)
+    nxt = sampler(out.logits)
+    return (nxt, nxt, *_buffers(cache))
+
+
+def _tree_step(model, plan, sampler, window, tokens, offset, keys, values):
+    cache = _views(keys, values, offset, window)
+    out = model.forward(tokens[None], cache, plan, streams=True)
+    chosen = sampler(out.logits)
+    best, path_tokens = accept(tokens, chosen, plan)
+    bonus = chosen[best][None]
+    drafts = draft(model, out.stream_hidden[best], plan)
+    path = plan.paths_dev[best]
+    for c in cache:
+        c.gather(path)  # entries past the accepted depth are garbage beyond the new offset
+    info = mx.concatenate([plan.depth_dev[best][None], path_tokens, bonus])
+    return (info, mx.concatenate([bonus, drafts]), *_buffers(cache))
+
+
+def _chain_step(model, plan, sampler, window, tokens, offset, keys, values):
+    cache = _views(keys, values, offset, window)
+    out = model.forward(tokens[None], cache, plan, streams=False)
+    chosen = sampler(out.logits)
+    best, path_tokens = accept(tokens, chosen, plan)
+    bonus = chosen[best][None]
+    info = mx.concatenate([best[None].astype(mx.int32), path_tokens, bonus])
+    return (info, bonus, *_buffers(cache))
+
+
+_KINDS = {"ar": _ar_step, "tree": _tree_step, "chain": _chain_step}

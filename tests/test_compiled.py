@@ -1,0 +1,102 @@
+"""Compiled decoding steps: same numbers as eager steps, windows change nothing, traces are reused."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from _support import chain, markov_model, run_tokens
+
+from mlx_specstream import compiled
+from mlx_specstream.cache import buffer_mask, make_cache
+from mlx_specstream.config import SpecStreamConfig
+from mlx_specstream.sampling import SamplingParams
+from mlx_specstream.streams import AR_PLAN, chain_plan, prefill_plan, tree_plan
+from mlx_specstream.testing import random_model, tiny_config
+from mlx_specstream.tree import parse_tree_spec
+
+
+def test_buffer_mask_worked_example():
+    local = mx.array([[True, False], [True, True]])
+    got = np.array(buffer_mask(local, 2, 2, 6))
+    want = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]], dtype=bool)
+    np.testing.assert_array_equal(got, want)
+    # the same with the offset as a device scalar (inside a compiled step)
+    np.testing.assert_array_equal(np.array(buffer_mask(local, 2, mx.array(2), 6)), want)
+    # no local mask: every new token sees all new tokens
+    np.testing.assert_array_equal(np.array(buffer_mask(None, 1, 3, 5)), [[1, 1, 1, 1, 0]])
+
+
+def _prefilled(model, prompt, capacity=128):
+    cache = make_cache(model.num_layers, capacity)
+    model.forward(mx.array(prompt)[None], cache, prefill_plan(len(prompt), 0), streams=False)
+    for c in cache:
+        c.commit(None, len(prompt))
+    return cache
+
+
+@pytest.mark.parametrize("kind, spec", [("ar", None), ("tree", "2,1,1"), ("tree", "[[0],[1],[0,0]]"), ("chain", 3)])
+def test_compiled_step_equals_eager_step(kind, spec):
+    model = random_model(tiny_config("llama"), SpecStreamConfig(num_streams=3, num_msa_layers=2), seed=3)
+    prompt = [4, 8, 15, 16, 23, 42]
+    if kind == "ar":
+        plan = AR_PLAN
+    elif kind == "chain":
+        plan = chain_plan(spec)
+    else:
+        plan = tree_plan(parse_tree_spec(spec), model.num_streams)
+    tokens = mx.array(np.arange(plan.n_main) + 5, dtype=mx.int32)
+    outs = []
+    for compile, window in [(False, None), (True, None), (True, 64)]:
+        cache = _prefilled(model, prompt)
+        fn = compiled.step_function(model, kind, plan, SamplingParams(), compile, window)
+        info, nxt, keys, values = fn(tokens, mx.array(len(prompt)), [c.keys for c in cache], [c.values for c in cache])
+        outs.append((np.array(info), np.array(nxt), [np.array(k) for k in keys]))
+    ref = outs[0]
+    for info, nxt, keys in outs[1:]:
+        np.testing.assert_array_equal(info, ref[0])
+        np.testing.assert_array_equal(nxt, ref[1])
+        for got, want in zip(keys, ref[2]):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("temp", [0.0, 0.8])
+def test_compiled_generation_equals_eager(temp):
+    model, perm = markov_model("llama")
+    prompt = chain(perm, 3, 5)
+    sampling = SamplingParams(temp=temp)
+    results = []
+    for compile in (True, False):
+        mx.random.seed(11)
+        ids, steps = run_tokens(model, prompt, 90, tree="2,2,1", sampling=sampling, compile=compile)
+        results.append((ids, [s.accepted for s in steps]))
+    assert results[0] == results[1]
+    assert sum(results[0][1]) > 0  # drafts were accepted: the commit path ran
+
+
+def test_traces_are_reused_across_generations():
+    model, perm = markov_model("llama")
+    prompt = chain(perm, 2, 5)
+    run_tokens(model, prompt, 60, tree="2,1")
+    table = compiled._model_table(model)
+    before = dict(table)
+    run_tokens(model, chain(perm, 9, 6), 60, tree="2,1")  # similar length: same capacity and windows
+    assert set(table) == set(before)
+    assert all(table[k] is before[k] for k in before)
+
+
+def test_table_keeps_a_bounded_number_of_models():
+    import gc
+    import weakref
+
+    compiled.clear()
+    refs = []
+    for seed in range(compiled.MAX_MODELS + 2):
+        model = random_model(tiny_config("llama"), SpecStreamConfig(num_streams=2, num_msa_layers=1), seed=seed)
+        run_tokens(model, [1, 2, 3], 4)
+        refs.append(weakref.ref(model))
+        del model
+    gc.collect()
+    alive = [r() is not None for r in refs]
+    assert alive == [False] * 2 + [True] * compiled.MAX_MODELS  # the oldest were released
+    compiled.clear()
+    gc.collect()
+    assert not any(r() is not None for r in refs)
