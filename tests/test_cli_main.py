@@ -13,7 +13,7 @@ import pytest
 import typer
 
 from mlx_specstream.cli import common
-from mlx_specstream.cli.main import COMMANDS, app, main
+from mlx_specstream.cli.main import COMMANDS, app, main, wants_fast_blas
 
 EXPECTED = {"generate", "chat", "convert", "train", "bench", "serve", "doctor"}
 # Every command that takes one of these concepts must spell it this way.
@@ -30,6 +30,14 @@ def run(capsys, *argv):
 
 def _commands() -> dict[str, click.Command]:
     return typer.main.get_command(app).commands
+
+
+def test_openblas_reexec_only_for_mlx_commands():
+    assert wants_fast_blas(["generate", "--prompt", "hi"])
+    assert wants_fast_blas(["--debug", "bench", "--data", "x"])
+    assert not wants_fast_blas(["train", "--model", "m"])  # PyTorch: a preloaded OpenBLAS slows it down
+    assert not wants_fast_blas(["--debug", "train"])
+    assert not wants_fast_blas(["generate", "--help"]) and not wants_fast_blas([])
 
 
 def test_every_registered_command_has_help_with_an_example(capsys):
