@@ -112,6 +112,19 @@ def test_default_base_model_fits_16_mb():
     n = sum(p.numel() for p in model.parameters())
     assert 3_000_000 < n and 4 * n <= pre.MAX_MODEL_BYTES
     assert model.config.tie_word_embeddings and args.threads == 1
+    assert (args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate, args.max_positions,
+            args.batch_size, args.format) == (256, 6, 4, 2, 512, 512, 32, "e2e")
+    assert args.train_data.endswith("e2e/trainset.csv.gz") and args.dev_data.endswith("e2e/devset.csv.gz")
+
+
+def test_resume_accepts_runs_saved_before_the_format_option():
+    """training_args.json of runs started before --format has no 'format': they were E2E runs."""
+    pre = _load_example("pretrain_base")
+    args = pre.parse_args(["--tokenizer", "x", "--output", "y", "--train-csv", "t.csv", "--epochs", "2"])
+    saved = {k: getattr(args, k) for k in pre.ARCH_KEYS if k != "format"}
+    assert args.train_data == "t.csv" and pre.changed_settings(saved, args) == {}
+    args.format = "dialogsum"
+    assert pre.changed_settings(saved, args) == {"format": ("e2e", "dialogsum")}
 
 
 def test_epoch_batches_cover_every_example_once_and_are_deterministic():

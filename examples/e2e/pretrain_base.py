@@ -1,11 +1,15 @@
-"""Pretrain a small Llama base model from scratch on E2E NLG text (PyTorch, CPU).
+"""Pretrain a small Llama base model from scratch on E2E NLG or DialogSum text (PyTorch, CPU).
 
     python examples/e2e/pretrain_base.py --tokenizer runs/e2e_tokenizer --output runs/e2e_base
+    python examples/e2e/pretrain_base.py --format dialogsum --tokenizer runs/dialogsum_tokenizer \
+        --output runs/dialogsum_base
 
-Each training example is one E2E row formatted exactly as the fine-tune will see it
-(``mlx_specstream.datasets.read_e2e``): ``<s> prompt + completion </s>``, where prompt is
-``E2E_PROMPT_TEMPLATE`` around the MR and completion is " " + ref, with the loss on every token
-(a base model learns the whole text; the fine-tunes later put the loss on the reference).
+Each training example is one task row formatted exactly as the fine-tune will see it
+(``mlx_specstream.datasets.read_e2e`` / ``read_dialogsum``): ``<s> prompt + completion </s>``,
+e.g. for E2E prompt is ``E2E_PROMPT_TEMPLATE`` around the MR and completion is " " + ref, with
+the loss on every token (a base model learns the whole text; the fine-tunes later put the loss
+on the reference). ``--format`` picks the reader, the default data files and the default model
+size (:data:`PRESETS`); flags given explicitly win.
 Rows are batched by similar length and right-padded (padding is causal-invisible and
 excluded from the loss), so every example starts at position 0 exactly as at inference.
 
@@ -32,12 +36,23 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tokenizer import default_shared  # noqa: E402
+from train_tokenizer import TASKS, default_shared  # noqa: E402
 
-from mlx_specstream.datasets import PROMPT_TEMPLATE_KEY, Example, read_e2e  # noqa: E402
+from mlx_specstream.datasets import PROMPT_TEMPLATE_KEY, Example  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-MAX_MODEL_BYTES = 16_000_000
+MAX_MODEL_BYTES = 16_000_000  # the E2E model is the package's bundled demo model
+MODEL_BYTE_LIMITS = {"e2e": MAX_MODEL_BYTES}
+
+# Per-task defaults, sized in each recipe's README (E2E: 2 epochs ~35 min on one quiet core,
+# within the 16 MB demo budget; DialogSum: 2 epochs ~1.1 h). Max positions = the tokenizer's
+# model_max_length, so every example fits.
+PRESETS = {
+    "e2e": dict(hidden=256, layers=6, heads=4, kv_heads=2, intermediate=512,
+                max_positions=TASKS["e2e"].model_max_length, batch_size=32),
+    "dialogsum": dict(hidden=256, layers=8, heads=4, kv_heads=2, intermediate=768,
+                      max_positions=TASKS["dialogsum"].model_max_length, batch_size=16),
+}
 
 
 def build_config(args, vocab_size: int):
@@ -70,7 +85,8 @@ def tokenize_examples(tokenizer, examples: list[Example], max_len: int) -> list[
     out = [x + [eos] for x in ids]
     too_long = sum(len(x) > max_len for x in out)
     if too_long:
-        raise ValueError(f"{too_long} examples exceed --max-positions {max_len}; raise it.")
+        raise ValueError(f"{too_long} examples exceed --max-positions {max_len} tokens "
+                         f"(longest {max(len(x) for x in out)}); raise --max-positions.")
     return out
 
 
@@ -185,23 +201,43 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 ARCH_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "max_positions",
-             "batch_size", "epochs", "seed", "lr", "warmup")
+             "batch_size", "epochs", "seed", "lr", "warmup", "format")
+# Keys added to ARCH_KEYS later, with the value that runs saved before them implicitly used,
+# so those runs still resume.
+LEGACY_ARCH_DEFAULTS = {"format": "e2e"}
+
+
+def changed_settings(saved: dict, args) -> dict:
+    """``{key: (saved, now)}`` for every ARCH_KEYS setting that differs from a checkpoint's."""
+    changed = {}
+    for key in ARCH_KEYS:
+        before = saved.get(key, LEGACY_ARCH_DEFAULTS.get(key))
+        if before != getattr(args, key):
+            changed[key] = (before, getattr(args, key))
+    return changed
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """A log-sized excerpt: DialogSum dialogues run to thousands of characters."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_args(argv=None):
-    shared = default_shared()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", required=True, help="directory from train_tokenizer.py")
     ap.add_argument("--output", required=True, help="run / model directory")
-    ap.add_argument("--train-csv", default=str(shared / "data/e2e/trainset.csv.gz"))
-    ap.add_argument("--dev-csv", default=str(shared / "data/e2e/devset.csv.gz"))
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--intermediate", type=int, default=512)
-    ap.add_argument("--max-positions", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=32, help="examples per step")
+    ap.add_argument("--format", default="e2e", choices=sorted(TASKS), help="task data (default e2e)")
+    ap.add_argument("--train-data", "--train-csv", dest="train_data",
+                    help="train split (default: the task's file under the shared folder)")
+    ap.add_argument("--dev-data", "--dev-csv", dest="dev_data", help="dev split (default: the task's)")
+    # Model size and batch: None = the task's preset (PRESETS).
+    ap.add_argument("--hidden", type=int)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--heads", type=int)
+    ap.add_argument("--kv-heads", type=int)
+    ap.add_argument("--intermediate", type=int)
+    ap.add_argument("--max-positions", type=int)
+    ap.add_argument("--batch-size", type=int, help="examples per step")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)
@@ -216,7 +252,14 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint-minutes", type=float, default=10.0)
     ap.add_argument("--measure", type=int, default=0, metavar="N",
                     help="time N training steps, print throughput, write nothing")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for key, value in PRESETS[args.format].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    task = TASKS[args.format]
+    args.train_data = args.train_data or str(default_shared() / task.train)
+    args.dev_data = args.dev_data or str(default_shared() / task.dev)
+    return args
 
 
 def main(argv=None) -> None:
@@ -244,14 +287,16 @@ def main(argv=None) -> None:
     config = build_config(args, len(tokenizer))
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
-    if 4 * n_params > MAX_MODEL_BYTES:
+    limit = MODEL_BYTE_LIMITS.get(args.format)
+    if limit is not None and 4 * n_params > limit:
         raise SystemExit(f"error: {n_params:,} parameters = {4 * n_params / 1e6:.1f} MB in float32, "
-                         f"over the {MAX_MODEL_BYTES / 1e6:.0f} MB budget; shrink --hidden/--layers/--intermediate.")
+                         f"over the {limit / 1e6:.0f} MB budget; shrink --hidden/--layers/--intermediate.")
 
-    train_set = read_e2e(args.train_csv)
+    read = TASKS[args.format].read
+    train_set = read(args.train_data)
     template = train_set.prompt_template
     train = tokenize_examples(tokenizer, train_set.examples, args.max_positions)
-    dev_examples = read_e2e(args.dev_csv).examples
+    dev_examples = read(args.dev_data).examples
     dev = tokenize_examples(tokenizer, dev_examples, args.max_positions)
     dev = [dev[i] for i in random.Random(1).sample(range(len(dev)), min(args.eval_examples, len(dev)))]
     lengths = [len(x) for x in train]
@@ -266,8 +311,7 @@ def main(argv=None) -> None:
     step = 0
     resume = None if args.measure else latest_checkpoint(ckpt_root)
     if resume is not None:
-        saved = json.loads((resume / "training_args.json").read_text())
-        changed = {k: (saved.get(k), getattr(args, k)) for k in ARCH_KEYS if saved.get(k) != getattr(args, k)}
+        changed = changed_settings(json.loads((resume / "training_args.json").read_text()), args)
         if changed:
             raise SystemExit(f"error: {resume} was trained with different settings {changed} (saved, now); "
                              "use the same arguments or a new --output.")
@@ -335,9 +379,10 @@ def main(argv=None) -> None:
                 f"grad_norm {float(grad_norm):.2f} tok/s {tps:.0f} eta {eta_min:.0f} min")
             t_window, tok_window, loss_window = now, 0, []
         if step % args.eval_every == 0 or step == total_steps:
-            dev_loss = evaluate(model, dev, 64, tokenizer.eos_token_id)
+            dev_loss = evaluate(model, dev, 2 * args.batch_size, tokenizer.eos_token_id)
             log(f"eval step {step} dev_loss {dev_loss:.4f} ppl {math.exp(dev_loss):.2f}")
-            log(f"sample: {dev_examples[0].input!r} -> {greedy_sample(model, tokenizer, dev_examples[0].prompt)!r}")
+            sample = greedy_sample(model, tokenizer, dev_examples[0].prompt)
+            log(f"sample: {shorten(dev_examples[0].input)!r} -> {sample!r}")
         if time.time() - last_ckpt > 60 * args.checkpoint_minutes or step == total_steps:
             path = save_checkpoint(model, optimizer, step, ckpt_root, tokenizer_dir, extra)
             log(f"checkpoint {path}")
