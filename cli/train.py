@@ -63,7 +63,8 @@ def train(
     eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="Evaluation data (same formats).",
                                                       show_default=False)] = None,
     eval_examples: Annotated[int, typer.Option("--eval-examples", min=0, help="Without --eval-data, hold out the "
-                                               "last N training examples.")] = 0,
+                                               "last N training examples; with it, evaluate on N evenly spaced "
+                                               "examples of it (0: all).")] = 0,
     eval_every: Annotated[int, typer.Option("--eval-every", min=0, help="Evaluate every N steps (0: each epoch)."
                                             )] = 0,
     save_every: Annotated[int, typer.Option("--save-every", min=0, help="Checkpoint every N steps (0: each "

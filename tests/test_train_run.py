@@ -121,6 +121,13 @@ def test_lossless_run_keeps_base_weights_and_main_logits(tmp_path, base, data):
     assert result.metrics["trainable_parameters"] < result.metrics["total_parameters"] / 5
 
 
+def test_eval_data_subsampled_evenly(tmp_path, base, data):
+    evald = _jsonl(tmp_path / "eval.jsonl", n=40)
+    result = run_training(args(base, data, tmp_path / "o", max_steps=1, eval_data=str(evald), eval_examples=10))
+    assert result.metrics["eval_examples"] == 10
+    assert result.metrics["eval"]["main.loss"] > 0
+
+
 def test_zero_streams_is_plain_fine_tuning(tmp_path, base, data):
     result = run_training(args(base, data, tmp_path / "o", streams=0, lora_rank=0))
     cfg = json.loads((tmp_path / "o" / "config.json").read_text())

@@ -71,7 +71,7 @@ class TrainArgs:
     data_format: str = "auto"
     max_examples: Optional[int] = None
     eval_data: Optional[str] = None
-    eval_examples: int = 0  # hold out this many training examples when eval_data is None
+    eval_examples: int = 0  # hold out this many training examples when eval_data is None, else subsample it
     eval_every: int = 0  # steps; 0: at the end of each epoch
     eval_batches: Optional[int] = None
     save_every: int = 0  # steps; 0: at the end of each epoch
@@ -226,6 +226,10 @@ def _run(args: TrainArgs, dist: DistContext) -> TrainResult:
     # Data first: a bad file should fail before minutes of model loading.
     train_set = load_dataset(args.data, args.data_format, limit=args.max_examples)
     eval_raw = load_dataset(args.eval_data, args.data_format).examples if args.eval_data else []
+    if args.eval_data and args.eval_examples and args.eval_examples < len(eval_raw):
+        # evenly spaced, so files sorted by input (E2E: by MR) are still covered
+        stride = len(eval_raw) / args.eval_examples
+        eval_raw = [eval_raw[int(i * stride)] for i in range(args.eval_examples)]
     train_raw = train_set.examples
     if not args.eval_data and args.eval_examples:
         if args.eval_examples >= len(train_raw):
