@@ -7,8 +7,9 @@ longer rebuilds the graph in Python every step. Its shapes are static: the cache
 have a fixed capacity and the offset is a device scalar (see :mod:`.cache`), so one trace
 serves every step of every generation with the same step kind, tree, sampler and capacity.
 
-Every step function maps ``(tokens, offset, keys, values)`` to ``(info, next_tokens, keys,
-values)``; ``keys``/``values`` are the per-layer cache buffers ``[1, H, C, D]``:
+Every step function maps ``(tokens, offset, keys, values)`` to ``(info, next_tokens,
+next_offset, keys, values)``; ``keys``/``values`` are the per-layer cache buffers
+``[1, H, C, D]``, ``offset`` the committed length (an int32 scalar):
 
 * ``"ar"``: one token, plain decoding. info ``[1]`` = the next token.
 * ``"tree"``: verify the draft tree, walk it, gather the accepted path into place in every
@@ -17,8 +18,9 @@ values)``; ``keys``/``values`` are the per-layer cache buffers ``[1, H, C, D]``:
 * ``"chain"``: verify an external drafter's chain (prompt lookup) with the main stream only;
   a chain's accepted path is already in place. info as for ``"tree"``.
 
-``next_tokens`` is the next step's input (the bonus token, then the new drafts); the caller
-advances its host-side offset by ``d + 1`` (``1`` for ``"ar"``).
+``next_tokens`` is the next step's input (the bonus token, then the new drafts) and
+``next_offset = offset + d + 1`` (``+ 1`` for ``"ar"``): every input of the next step is on
+the device, so it can be launched before this step's tokens are read (:mod:`.generate`).
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def _ar_step(model, plan, sampler, window, tokens, offset, keys, values):
     cache = _views(keys, values, offset, window)
     out = model.forward(tokens[None], cache, plan, streams=False)
     nxt = sampler(out.logits)
-    return (nxt, nxt, *_buffers(cache))
+    return (nxt, nxt, offset + 1, *_buffers(cache))
 
 
 def _tree_step(model, plan, sampler, window, tokens, offset, keys, values):
@@ -104,8 +106,9 @@ def _tree_step(model, plan, sampler, window, tokens, offset, keys, values):
     path = plan.paths_dev[best]
     for c in cache:
         c.gather(path)  # entries past the accepted depth are garbage beyond the new offset
-    info = mx.concatenate([plan.depth_dev[best][None], path_tokens, bonus])
-    return (info, mx.concatenate([bonus, drafts]), *_buffers(cache))
+    depth = plan.depth_dev[best]
+    info = mx.concatenate([depth[None], path_tokens, bonus])
+    return (info, mx.concatenate([bonus, drafts]), offset + depth + 1, *_buffers(cache))
 
 
 def _chain_step(model, plan, sampler, window, tokens, offset, keys, values):
@@ -114,8 +117,9 @@ def _chain_step(model, plan, sampler, window, tokens, offset, keys, values):
     chosen = sampler(out.logits)
     best, path_tokens = accept(tokens, chosen, plan)
     bonus = chosen[best][None]
-    info = mx.concatenate([best[None].astype(mx.int32), path_tokens, bonus])
-    return (info, bonus, *_buffers(cache))
+    depth = best.astype(mx.int32)  # a chain's node index is its depth
+    info = mx.concatenate([depth[None], path_tokens, bonus])
+    return (info, bonus, offset + depth + 1, *_buffers(cache))
 
 
 _KINDS = {"ar": _ar_step, "tree": _tree_step, "chain": _chain_step}

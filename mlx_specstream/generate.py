@@ -71,6 +71,7 @@ def generate_step(
     cache: Optional[list] = None,
     drafter=None,
     compile: bool = True,
+    pipeline: bool = True,
 ) -> Iterator[Step]:
     """Yield the tokens of each decoding step, the prefill's first token included.
 
@@ -82,7 +83,8 @@ def generate_step(
     whose chain of drafts replaces the streams' tree; verified the same way.
     ``compile``: run decoding steps as compiled graphs (:mod:`.compiled`; the same
     arithmetic, far fewer launches); False runs them eagerly. Pruning always runs eagerly
-    (the pruned tree's shape changes every step).
+    (the pruned tree's shape changes every step). ``pipeline``: launch each step before the
+    previous one's tokens are read (see :func:`_decode_steps`; AR and tree steps).
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("The prompt must be a non-empty 1-D sequence of token ids.")
@@ -95,14 +97,15 @@ def generate_step(
     new_per_step = plan.n_main * (1 + plan.num_streams) if use_streams else 1
     if drafter is not None:
         new_per_step = drafter.num_draft + 1
+    advance = draft_tree.max_depth + 1 if use_streams else 1  # a pipelined step may run past the end
     limit = getattr(model.base, "max_positions", None)
-    needed = prompt.size + max_tokens + (plan.n_main if use_streams else new_per_step)
+    needed = prompt.size + max_tokens + (plan.n_main if use_streams else new_per_step) + advance
     if limit is not None and needed > limit:
         raise ValueError(
             f"Prompt ({prompt.size} tokens) + max_tokens ({max_tokens}) exceeds the model's "
             f"{limit} positions; shorten the prompt or lower max_tokens."
         )
-    layers_cache = make_cache(model.num_layers, capacity=_capacity(prompt.size + max_tokens + new_per_step + 1))
+    layers_cache = make_cache(model.num_layers, capacity=_capacity(prompt.size + max_tokens + new_per_step + advance + 1))
     if cache is not None:
         cache.extend(layers_cache)
     cache = layers_cache
@@ -116,55 +119,78 @@ def generate_step(
         c.commit(None, prompt.size)
     yield Step([root.item()], 0, prefill=True)
 
+    if max_tokens <= 1:
+        return
     if drafter is not None:
         yield from _drafter_steps(model, cache, root, prompt.tolist(), drafter, max_tokens, sampling, compile)
     elif not use_streams:
-        yield from _ar_steps(model, cache, root, max_tokens, sampling, compile)
+        yield from _decode_steps(model, "ar", AR_PLAN, sampling, compile, root, cache, max_tokens, pipeline)
     elif prune_threshold and model.has_pruning:
         yield from _pruned_tree_steps(model, cache, root, drafts, plan, max_tokens, sampler, prune_threshold)
     else:
-        yield from _tree_steps(model, cache, mx.concatenate([root, drafts]), plan, max_tokens, sampling, compile)
+        tokens = mx.concatenate([root, drafts])
+        yield from _decode_steps(model, "tree", plan, sampling, compile, tokens, cache, max_tokens, pipeline)
 
 
-def _run(model, kind: str, plan, sampling, compile: bool, tokens: mx.array, cache: list) -> tuple[list[int], mx.array]:
-    """One step of ``kind`` (:mod:`.compiled`); updates ``cache``'s buffers, returns (info, next tokens).
+@dataclasses.dataclass
+class _Launched:
+    """A step whose computation was started: its outputs, still lazy."""
 
-    Attention reads a window of the buffer just past ``offset`` + this step's new tokens,
-    rounded up to ``WINDOW_QUANTUM`` so a generation reuses a handful of compiled traces.
+    info: mx.array
+    tokens: mx.array  # the next step's input tokens
+    offset: mx.array  # the next step's offset
+
+
+def _launch(model, kind: str, plan, sampling, compile: bool, tokens: mx.array, offset: mx.array,
+            offset_bound: int, cache: list) -> _Launched:
+    """Start one step of ``kind`` (:mod:`.compiled`) and point ``cache`` at its output buffers.
+
+    Attention reads a window of the buffer just past ``offset_bound`` (>= the offset) + the
+    step's new tokens, rounded up to ``WINDOW_QUANTUM`` so a generation reuses a few traces.
     """
-    offset = cache[0].offset
     new = plan.msa_mask.shape[0] if kind == "tree" else plan.n_main
-    window = min(cache[0].capacity, -(-(offset + new) // WINDOW_QUANTUM) * WINDOW_QUANTUM)
+    window = min(cache[0].capacity, -(-(offset_bound + new) // WINDOW_QUANTUM) * WINDOW_QUANTUM)
     fn = step_function(model, kind, plan, sampling, compile, window)
-    keys, values = [c.keys for c in cache], [c.values for c in cache]
-    info, nxt, keys, values = fn(tokens, mx.array(offset, dtype=mx.int32), keys, values)
+    info, nxt, next_offset, keys, values = fn(tokens, offset, [c.keys for c in cache], [c.values for c in cache])
     for c, k, v in zip(cache, keys, values):
-        c.keys, c.values = k, v  # drop the old buffers first, so the step may update them in place
-    mx.eval(info, nxt, keys, values)
-    return info.tolist(), nxt
+        c.keys, c.values = k, v  # the old buffers are dropped, so the step may update them in place
+    mx.async_eval(info, nxt, next_offset, keys, values)
+    return _Launched(info, nxt, next_offset)
 
 
-def _ar_steps(model, cache, root, max_tokens, sampling, compile) -> Iterator[Step]:
+def _decode_steps(model, kind: str, plan, sampling, compile: bool, tokens: mx.array, cache: list,
+                  max_tokens: int, pipeline: bool) -> Iterator[Step]:
+    """AR or tree steps until ``max_tokens`` tokens were emitted (the prefill's included).
+
+    With ``pipeline``, step k + 1 is launched before step k's tokens are read: all its inputs
+    are device arrays, so the host's per-step work (reading tokens, yielding, the caller's
+    detokenizing) overlaps the computation. A caller that stops early leaves that one step
+    unread; its results are simply dropped.
+    """
+    advance = plan.tree.max_depth + 1 if kind == "tree" else 1  # most tokens one step commits
+    offset = cache[0].offset
+    pending = _launch(model, kind, plan, sampling, compile, tokens, mx.array(offset, dtype=mx.int32), offset, cache)
     emitted = 1
-    while emitted < max_tokens:
-        info, root = _run(model, "ar", AR_PLAN, sampling, compile, root, cache)
+    while True:
+        ahead = None
+        if pipeline and emitted + 1 < max_tokens:  # the next step may be needed
+            ahead = _launch(model, kind, plan, sampling, compile, pending.tokens, pending.offset,
+                            offset + advance, cache)
+        info = pending.info.tolist()
+        if kind == "ar":
+            depth, step_tokens = 0, info
+        else:
+            depth = info[0]
+            step_tokens = info[2 : depth + 2] + [info[-1]]
+        offset += depth + 1  # the step gathered the accepted path into place
         for c in cache:
-            c.commit(None, 1)
-        emitted += 1
-        yield Step(info, 0)
-
-
-def _tree_steps(model, cache, tokens, plan, max_tokens, sampling, compile) -> Iterator[Step]:
-    """Speculative steps: each verifies the tree in ``tokens`` and drafts the next one."""
-    emitted = 1
-    while emitted < max_tokens:
-        info, tokens = _run(model, "tree", plan, sampling, compile, tokens, cache)
-        depth = info[0]
-        for c in cache:
-            c.commit(None, depth + 1)  # the step gathered the accepted path into place
-        step_tokens = info[2 : depth + 2] + [info[-1]]
+            c.offset = offset
         emitted += len(step_tokens)
         yield Step(step_tokens, depth)
+        if emitted >= max_tokens:
+            return
+        pending = ahead or _launch(model, kind, plan, sampling, compile, pending.tokens, pending.offset,
+                                   offset, cache)
 
 
 def _pruned_tree_steps(model, cache, root, drafts, plan, max_tokens, sampler, threshold) -> Iterator[Step]:
@@ -203,7 +229,10 @@ def _drafter_steps(model, cache, root, prompt, drafter, max_tokens, sampling, co
     while emitted < max_tokens:
         drafts = drafter.propose(history)[: max(0, max_tokens - emitted - 1)]
         kind, plan = ("chain", chain_plan(len(drafts))) if drafts else ("ar", AR_PLAN)
-        info, _ = _run(model, kind, plan, sampling, compile, mx.array([history[-1]] + drafts, dtype=mx.int32), cache)
+        tokens = mx.array([history[-1]] + drafts, dtype=mx.int32)
+        offset = cache[0].offset
+        info = _launch(model, kind, plan, sampling, compile, tokens, mx.array(offset, dtype=mx.int32),
+                       offset, cache).info.tolist()
         depth = info[0] if kind == "chain" else 0
         for c in cache:
             c.commit(None, depth + 1)  # a chain: the accepted path is already in place

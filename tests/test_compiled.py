@@ -48,28 +48,55 @@ def test_compiled_step_equals_eager_step(kind, spec):
     for compile, window in [(False, None), (True, None), (True, 64)]:
         cache = _prefilled(model, prompt)
         fn = compiled.step_function(model, kind, plan, SamplingParams(), compile, window)
-        info, nxt, keys, values = fn(tokens, mx.array(len(prompt)), [c.keys for c in cache], [c.values for c in cache])
-        outs.append((np.array(info), np.array(nxt), [np.array(k) for k in keys]))
+        info, nxt, offset, keys, values = fn(tokens, mx.array(len(prompt)), [c.keys for c in cache],
+                                             [c.values for c in cache])
+        outs.append((np.array(info), np.array(nxt), offset.item(), [np.array(k) for k in keys]))
     ref = outs[0]
-    for info, nxt, keys in outs[1:]:
+    depth = 0 if kind == "ar" else int(ref[0][0])
+    assert ref[2] == len(prompt) + depth + 1  # the next step's offset, on the device
+    for info, nxt, offset, keys in outs[1:]:
         np.testing.assert_array_equal(info, ref[0])
         np.testing.assert_array_equal(nxt, ref[1])
-        for got, want in zip(keys, ref[2]):
+        assert offset == ref[2]
+        for got, want in zip(keys, ref[3]):
             np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("temp", [0.0, 0.8])
-def test_compiled_generation_equals_eager(temp):
+@pytest.mark.parametrize("speculate", [True, False])
+def test_compiled_pipelined_generation_equals_eager(temp, speculate):
     model, perm = markov_model("llama")
     prompt = chain(perm, 3, 5)
     sampling = SamplingParams(temp=temp)
     results = []
-    for compile in (True, False):
+    for compile, pipeline in [(True, True), (True, False), (False, False)]:
         mx.random.seed(11)
-        ids, steps = run_tokens(model, prompt, 90, tree="2,2,1", sampling=sampling, compile=compile)
+        ids, steps = run_tokens(model, prompt, 90, tree="2,2,1", sampling=sampling, compile=compile,
+                                pipeline=pipeline, speculate=speculate)
         results.append((ids, [s.accepted for s in steps]))
-    assert results[0] == results[1]
-    assert sum(results[0][1]) > 0  # drafts were accepted: the commit path ran
+    assert results[0] == results[1] == results[2]
+    assert len(results[0][0]) == 90
+    if speculate:
+        assert sum(results[0][1]) > 0  # drafts were accepted: the commit path ran
+
+
+def test_pipelined_generation_stopped_early_leaves_a_consistent_cache():
+    from mlx_specstream.generate import generate_step
+
+    model, perm = markov_model("llama")
+    prompt = chain(perm, 4, 5)
+    cache: list = []
+    gen = generate_step(model, mx.array(prompt), max_tokens=200, tree="2,1", cache=cache)
+    got = [t for _, s in zip(range(6), gen) for t in s.tokens]
+    gen.close()  # one step is still in flight
+    committed = cache[0].offset
+    assert committed == len(prompt) + len(got) - 1
+    ref = make_cache(model.num_layers)
+    all_tokens = prompt + got
+    model.forward(mx.array(all_tokens[:committed])[None], ref, prefill_plan(committed, 0), streams=False)
+    for c, r in zip(cache, ref):
+        np.testing.assert_allclose(np.array(c.keys[..., :committed, :]), np.array(r.keys[..., :committed, :]),
+                                   atol=1e-4)
 
 
 def test_traces_are_reused_across_generations():
