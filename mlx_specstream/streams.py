@@ -39,8 +39,10 @@ class LowRankResidual(nn.Module):
 class StreamLoRALinear(nn.Module):
     """A linear layer whose LoRA delta applies to stream tokens only (lossless mode).
 
-    Main-stream tokens come first in the sequence (``n_main`` of them) and see the base layer
-    alone, so the main stream stays exactly the base model's.
+    The delta is scaled by ``stream_rows`` (1 for stream tokens, 0 for main ones): main-stream
+    rows get ``y + 0``, exactly the base layer's output, so the main stream stays the base
+    model's. (Masking costs two small matmuls over main rows; slicing the stream rows out and
+    concatenating them back costs more operations, which dominate on small models.)
     """
 
     stream_only = True
@@ -52,13 +54,12 @@ class StreamLoRALinear(nn.Module):
         self.lora_b = mx.zeros((out_dims, rank))
         self.scale = scale
 
-    def __call__(self, x: mx.array, n_main: int) -> mx.array:
+    def __call__(self, x: mx.array, stream_rows: Optional[mx.array]) -> mx.array:
         y = self.base(x)
-        if x.shape[1] == n_main:
+        if stream_rows is None:
             return y
-        xs = x[:, n_main:]
-        delta = ((xs @ self.lora_a.T) @ self.lora_b.T) * self.scale
-        return mx.concatenate([y[:, :n_main], y[:, n_main:] + delta.astype(y.dtype)], axis=1)
+        delta = ((x @ self.lora_a.T) @ self.lora_b.T) * (self.scale * stream_rows)
+        return y + delta.astype(y.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +160,11 @@ AR_PLAN = _plan(np.ones((1, 1), dtype=bool), np.zeros(1, dtype=np.int32), np.zer
 def _mask(cache: Sequence, local: Optional[mx.array], n: int) -> Optional[mx.array]:
     """Local ``[n, n]`` mask -> the mask over the cache buffer (the local one without a cache)."""
     return cache[0].attention_mask(local, n) if cache else local
+
+
+def _stream_rows(n_main: int, total: int) -> mx.array:
+    """``[total, 1]``: 0.0 for the ``n_main`` main tokens, 1.0 for the stream tokens after them."""
+    return mx.array((np.arange(total) >= n_main).astype(np.float32)[:, None])
 
 
 @dataclasses.dataclass
@@ -294,7 +300,8 @@ class SpecStreamModel(nn.Module):
 
         x = mx.concatenate([h, self._insert_streams(h, plan.stream_nodes, plan.num_streams)], axis=1)
         upos = plan.msa_offsets + offset
-        ctx = Context(upos, _mask(cache, plan.msa_mask, plan.msa_mask.shape[0]), plan.n_main, base.rope_tables(upos))
+        ctx = Context(upos, _mask(cache, plan.msa_mask, plan.msa_mask.shape[0]), plan.n_main, base.rope_tables(upos),
+                      _stream_rows(plan.n_main, plan.msa_mask.shape[0]))
         for i in range(split, len(layers)):
             x = layers[i](x, ctx, cache[i] if cache else None)
         t = plan.n_main
@@ -345,7 +352,8 @@ class SpecStreamModel(nn.Module):
         if stream_delta is not None:
             streams = streams + stream_delta.reshape(streams.shape)
         x = mx.concatenate([h, streams], axis=1)
-        ctx = Context(plan.msa_offsets, plan.msa_mask, t, base.rope_tables(plan.msa_offsets))
+        ctx = Context(plan.msa_offsets, plan.msa_mask, t, base.rope_tables(plan.msa_offsets),
+                      _stream_rows(t, plan.msa_mask.shape[0]))
         for i in range(self.msa_start, len(layers)):
             x = layers[i](x, ctx, None)
         stream_h = x[:, t:].reshape(b, t, g, -1)

@@ -35,6 +35,8 @@ class Context:
         every query sees every key.
     n_main: how many of the S tokens are main-stream tokens (they come first); the rest
         are speculative-stream tokens, seen by stream-only adapters.
+    stream_rows: ``[S, 1]`` 1.0 for stream tokens, 0.0 for main ones (None: no stream
+        tokens); stream-only adapters scale their delta by it.
     rope: per-family rotary tables for ``positions`` (cos, sin), or None.
     """
 
@@ -42,12 +44,13 @@ class Context:
     mask: Optional[mx.array]
     n_main: int
     rope: Optional[tuple[mx.array, mx.array]] = None
+    stream_rows: Optional[mx.array] = None
 
 
 def proj(layer: nn.Module, x: mx.array, ctx: Context) -> mx.array:
     """Apply a linear layer; stream-only adapters also need to know where streams start."""
     if getattr(layer, "stream_only", False):
-        return layer(x, ctx.n_main)
+        return layer(x, ctx.stream_rows)
     return layer(x)
 
 
