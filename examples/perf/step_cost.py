@@ -1,14 +1,13 @@
-"""Per-step cost of speculative vs autoregressive steps on random-weight Llamas (issue 2).
+"""Per-step cost of speculative vs autoregressive steps, as the generator runs them.
 
-For a ~30M and a ~100M parameter Llama (float32), times one forward pass at a fixed context
-length: the autoregressive step (1 token) and speculative steps over draft trees of 1..32
-nodes, each node carrying γ stream tokens through the multi-stream layers. Then runs a whole
-speculative generation and splits its wall time into MLX evaluation and everything else
-(Python: graph building, tree bookkeeping, cache commit), the overhead the runtime must keep
-under 15% of the step time.
+Times one decoding step at a fixed context length: the autoregressive step (1 token) and
+speculative steps over draft trees, each node carrying its stream tokens through the
+multi-stream layers, plus acceptance, drafting and the cache commit. Steps run as the
+generator runs them (compiled, :mod:`mlx_specstream.compiled`); ``--eager`` adds the same
+steps run op by op. Models: random-weight Llamas of a few sizes, and/or a model directory.
 
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
-        python examples/perf/step_cost.py [--sizes 30M,100M] [--repeats 15]
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+        python examples/perf/step_cost.py [--sizes 30M,100M] [--model DIR] [--repeats 15] [--eager]
 """
 
 from __future__ import annotations
@@ -18,10 +17,13 @@ import statistics
 import time
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from mlx_specstream.cache import make_cache
+from mlx_specstream.compiled import step_function
 from mlx_specstream.config import SpecStreamConfig
-from mlx_specstream.generate import generate_step
+from mlx_specstream.generate import WINDOW_QUANTUM
+from mlx_specstream.sampling import SamplingParams
 from mlx_specstream.streams import AR_PLAN, prefill_plan, tree_plan
 from mlx_specstream.testing import random_model
 from mlx_specstream.tree import parse_tree_spec
@@ -30,7 +32,8 @@ SIZES = {
     "30M": dict(hidden_size=384, num_hidden_layers=8, intermediate_size=1024, num_attention_heads=6),
     "100M": dict(hidden_size=768, num_hidden_layers=12, intermediate_size=2048, num_attention_heads=12),
 }
-TREES = ["1", "3", "1,1,1", "7", "2,2,1", "4,2,1", "4,2,2,1", "4,3,2,1", "[[0],[1],[2],[3],[0,0],[0,1],[1,0],[0,0,0],[0,0,0,0]]"]
+TREES = ["1", "1,1", "1,1,1", "1,1,1,1", "2,1,1,1", "3,1,1,1", "2,2,1", "4,2,2,1",
+         "[[0],[1],[0,0],[0,0,0],[0,0,0,0]]"]
 CONTEXT = 128
 GAMMA = 4
 
@@ -50,73 +53,63 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def step_costs(model, repeats: int) -> list[tuple[str, int, int, float]]:
+def step_costs(model, trees: list[str], repeats: int, compile: bool) -> list[tuple[str, int, int, float]]:
+    """(step, tree nodes, tokens in the MSA layers, seconds) per step kind, context CONTEXT."""
+    vocab = model.base.args.vocab_size
     cache = make_cache(model.num_layers, capacity=CONTEXT + 256)
-    prompt = mx.random.randint(0, 32000, (1, CONTEXT))
-    model.forward(prompt, cache, prefill_plan(CONTEXT, 0), streams=False)
+    model.forward(mx.random.randint(0, vocab, (1, CONTEXT)), cache, prefill_plan(CONTEXT, 0), streams=False)
     for c in cache:
         c.commit(None, CONTEXT)
-    mx.eval([c.keys for c in cache])
+    keys, values = [c.keys for c in cache], [c.values for c in cache]
+    mx.eval(keys, values)
+    offset = mx.array(CONTEXT, dtype=mx.int32)
 
-    def run(plan, tokens, streams):
-        out = model.forward(tokens, cache, plan, streams)
-        mx.eval(out.logits, out.stream_hidden) if out.stream_hidden is not None else mx.eval(out.logits)
+    def timed(kind, plan, tokens, new):
+        window = -(-(CONTEXT + new) // WINDOW_QUANTUM) * WINDOW_QUANTUM
+        fn = step_function(model, kind, plan, SamplingParams(), compile, window)
+        return median_time(lambda: mx.eval(fn(tokens, offset, keys, values)), repeats)
 
-    rows = [("autoregressive", 1, 1, median_time(lambda: run(AR_PLAN, prompt[:, :1], False), repeats))]
-    for spec in TREES:
+    rows = [("autoregressive", 1, 1, timed("ar", AR_PLAN, mx.array([1], dtype=mx.int32), 1))]
+    for spec in trees:
         tree = parse_tree_spec(spec)
+        if tree.max_depth > model.num_streams:
+            continue
         plan = tree_plan(tree, model.num_streams)
-        tokens = mx.random.randint(0, 32000, (1, tree.size))
-        rows.append((spec, tree.size, tree.size * (1 + GAMMA), median_time(lambda: run(plan, tokens, True), repeats)))
+        tokens = mx.random.randint(0, vocab, (tree.size,)).astype(mx.int32)
+        msa = plan.msa_mask.shape[0]
+        rows.append((spec, tree.size, msa, timed("tree", plan, tokens, msa)))
     return rows
 
 
-def overhead(model, tree: str, tokens: int = 200) -> tuple[float, float]:
-    """(total seconds, seconds inside mx.eval) of one speculative generation's decode steps."""
-    real_eval = mx.eval
-    spent = [0.0]
-
-    def timed_eval(*args):
-        t = time.perf_counter()
-        real_eval(*args)
-        spent[0] += time.perf_counter() - t
-
-    prompt = mx.random.randint(0, 32000, (CONTEXT,))
-    steps = generate_step(model, prompt, max_tokens=tokens, tree=tree)
-    next(steps)  # prefill excluded
-    mx.eval = timed_eval
-    try:
-        t = time.perf_counter()
-        for _ in steps:
-            pass
-        total = time.perf_counter() - t
-    finally:
-        mx.eval = real_eval
-    return total, spent[0]
+def report(name: str, model, args) -> None:
+    n_params = sum(v.size for _, v in tree_flatten(model.base.parameters()))
+    print(f"\n## {name} ({n_params / 1e6:.1f}M params, {model.num_layers} layers, γ={model.num_streams}, "
+          f"N_s={model.num_layers - model.msa_start}, context {CONTEXT})\n")
+    modes = [("compiled", True)] + ([("eager", False)] if args.eager else [])
+    print("| step | tree nodes | tokens in MSA layers | " + " | ".join(f"{m} ms | x AR" for m, _ in modes) + " |")
+    print("|---|---|---|" + "---|---|" * len(modes))
+    results = [step_costs(model, args.trees.split(";"), args.repeats, c) for _, c in modes]
+    for i, (step, nodes, msa, _) in enumerate(results[0]):
+        cells = " | ".join(f"{r[i][3] * 1e3:.2f} | {r[i][3] / r[0][3]:.2f}" for r in results)
+        print(f"| {step} | {nodes} | {msa} | {cells} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", default="30M,100M")
+    ap.add_argument("--sizes", default="30M,100M", help="random-weight Llamas to time ('' for none)")
+    ap.add_argument("--model", help="also time this model directory")
+    ap.add_argument("--trees", default=";".join(TREES), help="';'-separated tree specs")
     ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--overhead-tree", default="4,2,2,1")
+    ap.add_argument("--eager", action="store_true", help="also time the steps run op by op")
     args = ap.parse_args()
-    for size in args.sizes.split(","):
+    if args.model:
+        from mlx_specstream import load
+
+        model, _ = load(args.model)
+        report(args.model, model, args)
+    for size in filter(None, args.sizes.split(",")):
         spec = SpecStreamConfig(num_streams=GAMMA, num_msa_layers=SIZES[size]["num_hidden_layers"] // 2)
-        model = random_model(config(size), spec, seed=0)
-        n_params = sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(model.base.parameters()))
-        print(f"\n## {size} random Llama ({n_params / 1e6:.1f}M params, float32, γ={GAMMA}, N_s=N/2, context {CONTEXT})\n")
-        print("| step | tree nodes | tokens in MSA layers | ms / step | x autoregressive |")
-        print("|---|---|---|---|---|")
-        rows = step_costs(model, args.repeats)
-        ar = rows[0][3]
-        for name, nodes, msa_tokens, t in rows:
-            print(f"| {name} | {nodes} | {msa_tokens} | {t * 1e3:.2f} | {t / ar:.2f} |")
-        total, in_eval = overhead(model, args.overhead_tree)
-        print(
-            f"\nWhole speculative generation (tree {args.overhead_tree}, 200 tokens): {total:.3f} s of decode, "
-            f"{in_eval:.3f} s in mx.eval, outside MLX evaluation {100 * (1 - in_eval / total):.1f}%"
-        )
+        report(f"{size} random Llama", random_model(config(size), spec, seed=0), args)
 
 
 if __name__ == "__main__":
