@@ -103,9 +103,10 @@ def _tree_step(model, plan, sampler, window, tokens, offset, keys, values):
     best, path_tokens = accept(tokens, chosen, plan)
     bonus = chosen[best][None]
     drafts = draft(model, out.stream_hidden[best], plan)
-    path = plan.paths_dev[best]
-    for c in cache:
-        c.gather(path)  # entries past the accepted depth are garbage beyond the new offset
+    if not plan.is_chain:  # a chain's accepted path is already in place
+        path = plan.paths_dev[best]
+        for c in cache:
+            c.gather(path)  # entries past the accepted depth are garbage beyond the new offset
     depth = plan.depth_dev[best]
     info = mx.concatenate([depth[None], path_tokens, bonus])
     return (info, mx.concatenate([bonus, drafts]), offset + depth + 1, *_buffers(cache))

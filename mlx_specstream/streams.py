@@ -90,6 +90,11 @@ class Plan:
     draft_rank: Optional[mx.array] = None  # [T - 1]
     width: int = 0
 
+    @property
+    def is_chain(self) -> bool:
+        """Every node's parent is the node before it: accepted paths are prefixes, already in place."""
+        return self.tree is not None and all(p == i - 1 for i, p in enumerate(self.tree.parents))
+
 
 def _plan(
     main_mask: np.ndarray, depth: np.ndarray, stream_nodes: np.ndarray, num_streams: int, tree=None

@@ -33,7 +33,7 @@ def _prefilled(model, prompt, capacity=128):
     return cache
 
 
-@pytest.mark.parametrize("kind, spec", [("ar", None), ("tree", "2,1,1"), ("tree", "[[0],[1],[0,0]]"), ("chain", 3)])
+@pytest.mark.parametrize("kind, spec", [("ar", None), ("tree", "2,1,1"), ("tree", "1,1,1"), ("tree", "[[0],[1],[0,0]]"), ("chain", 3)])
 def test_compiled_step_equals_eager_step(kind, spec):
     model = random_model(tiny_config("llama"), SpecStreamConfig(num_streams=3, num_msa_layers=2), seed=3)
     prompt = [4, 8, 15, 16, 23, 42]
@@ -68,13 +68,14 @@ def test_compiled_pipelined_generation_equals_eager(temp, speculate):
     model, perm = markov_model("llama")
     prompt = chain(perm, 3, 5)
     sampling = SamplingParams(temp=temp)
-    results = []
-    for compile, pipeline in [(True, True), (True, False), (False, False)]:
-        mx.random.seed(11)
-        ids, steps = run_tokens(model, prompt, 90, tree="2,2,1", sampling=sampling, compile=compile,
-                                pipeline=pipeline, speculate=speculate)
-        results.append((ids, [s.accepted for s in steps]))
-    assert results[0] == results[1] == results[2]
+    for tree in ("2,2,1", "1,1,1"):  # a tree, and a chain (its commit is a no-op)
+        results = []
+        for compile, pipeline in [(True, True), (True, False), (False, False)]:
+            mx.random.seed(11)
+            ids, steps = run_tokens(model, prompt, 90, tree=tree, sampling=sampling, compile=compile,
+                                    pipeline=pipeline, speculate=speculate)
+            results.append((ids, [s.accepted for s in steps]))
+        assert results[0] == results[1] == results[2]
     assert len(results[0][0]) == 90
     if speculate:
         assert sum(results[0][1]) > 0  # drafts were accepted: the commit path ran
