@@ -72,9 +72,10 @@ def markdown(result: dict) -> str:
             f"| SS decode tok/s | {t['expected_ss_tokens_per_sec']:.1f} | {t['measured_ss_tokens_per_sec']:.1f} |",
             f"| AR decode tok/s | {t['expected_ar_tokens_per_sec']:.1f} | {t['measured_ar_tokens_per_sec']:.1f} |",
             "",
-            f"- step cost: AR {1e3 * t['step_cost_ar_s']:.2f} ms; tree of n nodes: "
-            + ", ".join(f"{n}: {1e3 * c:.2f}" for n, c in enumerate(t["step_cost_s"], 1) if n in (1, 2, 4, 8, 16, 32))
-            + " ms",
+            f"- step cost: AR {1e3 * t['step_cost_ar_s']:.2f} ms; tree of n nodes, depth d (d: n ms): "
+            + "; ".join(f"d={d}: " + ", ".join(f"{n}: {1e3 * c:.2f}" for n, c in enumerate(costs, 1)
+                                                if n in (2, 4, 8, 16, 32) and n > int(d))
+                        for d, costs in t["step_cost_s"].items()),
             "- rank acceptance P(stream j's rank-r token is the main stream's), rows j = 1..: "
             + "; ".join(" ".join(f"{p:.2f}" for p in row[:4]) for row in t["rank_acceptance"]),
             "- best candidates: " + ", ".join(

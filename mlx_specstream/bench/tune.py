@@ -2,11 +2,11 @@
 
 Two measurements, then a choice:
 
-1. **Step cost** ``c(n)``: seconds of one real speculative decoding step (forward pass over a
-   tree of ``n`` nodes, each with its γ stream tokens, plus acceptance, drafting and cache
-   commit; n = 2..32) and ``c_ar`` of one autoregressive step, decoding from a calibration
-   prompt. Rounds interleave the sizes; the medians are made non-decreasing in ``n``
-   (isotonic fit), since a bigger tree never costs less.
+1. **Step cost** ``c(n, d)``: seconds of one real speculative decoding step (forward pass
+   over a tree of ``n`` nodes and depth ``d``, each node with its ``d`` stream tokens, plus
+   acceptance, drafting and cache commit; n up to 32) and ``c_ar`` of one autoregressive
+   step, decoding from a calibration prompt. Rounds interleave the configurations; the
+   medians are made non-decreasing in ``n`` (isotonic fit), since a bigger tree never costs less.
 2. **Acceptance**: greedy continuations of the calibration prompts, then one teacher-forced
    pass with streams on every position (``model.all_logits``). At position p, stream j drafts
    the token the main stream chooses at p + j; ``R[p, j]`` is that token's rank in stream j's
@@ -18,8 +18,8 @@ Two measurements, then a choice:
 
 Candidates: every Cartesian tree (non-increasing per-depth top-k, at most 32 nodes) and the
 greedy sparse trees of 2..32 nodes (add paths in order of the product of their per-depth rank
-acceptance, Medusa-style). The winner maximises ``E(T) / c(|T|)``; expected speedup is
-``E(T) * c_ar / c(|T|)``. Calibrating on the benchmark prompts themselves is optimistic: prefer
+acceptance, Medusa-style). The winner maximises ``E(T) / c(|T|, depth(T))``; expected
+speedup is ``E(T) * c_ar / c(|T|, depth(T))``. Calibrating on the benchmark prompts themselves is optimistic: prefer
 a separate split (``--tune-data``).
 """
 
@@ -119,17 +119,30 @@ def _monotone(values: Sequence[float]) -> list[float]:
     return [s / c for s, c in blocks for _ in range(int(c))]
 
 
+COST_SIZES = (2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20, 24, 28, 32)  # tree sizes timed; others interpolated
+
+
+def cost_tree(n: int, depth: int) -> Tree:
+    """A tree of ``n`` nodes and ``depth`` levels: a chain of ``depth`` drafts plus root children.
+
+    A step's cost depends on its node count and, through the streams each node runs
+    (``min(γ, depth)``), on its depth; not otherwise on the shape.
+    """
+    chain = [(0,) * d for d in range(1, depth + 1)]
+    return sparse_tree(chain + [(r,) for r in range(1, n - depth)])
+
+
 def step_costs(model, context: list[int], rounds: Optional[int] = None,
-               steps: Optional[int] = None) -> tuple[float, list[float], list[float]]:
-    """``(c_ar, fitted c(n), raw c(n))`` in seconds; ``c(n)`` for n = 2..MAX_NODES at index n - 1.
+               steps: Optional[int] = None) -> tuple[float, dict[int, list[float]], dict[int, list[float]]]:
+    """``(c_ar, fitted, raw)`` in seconds; ``fitted[d][n - 1]`` is the cost of a tree of ``n``
+    nodes and depth ``d`` (n = 1..MAX_NODES; n <= d is not a valid tree and repeats the first).
 
     Times real decoding steps (``generate_step``: forward pass, acceptance, drafting, cache
     commit) after prefilling ``context``: each configuration decodes ``steps`` steps, its cost
     is their mean time (as the benchmark aggregates), then the median over ``rounds`` rounds
-    that interleave the sizes.
-    Trees are fans (n - 1 children of the root); the cost depends on n, not on the shape.
-    ``c(1)`` (a root without drafts) is not a valid tree: it is reported equal to ``c(2)``.
-    Defaults: ``COST_ROUNDS`` rounds of ``COST_STEPS`` steps.
+    that interleave the configurations. Sizes between those of ``COST_SIZES`` are
+    interpolated; each depth's costs are made non-decreasing in ``n`` (isotonic fit), since
+    a bigger tree never costs less. Defaults: ``COST_ROUNDS`` rounds of ``COST_STEPS`` steps.
     """
     rounds, steps = rounds or COST_ROUNDS, steps or COST_STEPS
     prompt = mx.array(context, dtype=mx.int32)
@@ -147,15 +160,23 @@ def step_costs(model, context: list[int], rounds: Optional[int] = None,
                 break
         return statistics.fmean(times)
 
-    configs = [dict(speculate=False)] + [
-        dict(tree=Tree(((),) + tuple((r,) for r in range(n - 1)))) for n in range(2, MAX_NODES + 1)]
+    depths = range(1, model.num_streams + 1)
+    sizes = {d: [n for n in COST_SIZES if d < n <= MAX_NODES] for d in depths}
+    configs = [(0, 1, dict(speculate=False))] + [
+        (d, n, dict(tree=cost_tree(n, d))) for d in depths for n in sizes[d]]
     times: list[list[float]] = [[] for _ in configs]
     for _ in range(rounds):
-        for k, config in enumerate(configs):
-            times[k].append(one(**config))
-    medians = [statistics.median(t) for t in times]
-    raw = medians[1:2] + medians[1:]
-    return medians[0], _monotone(raw), raw
+        for k, (_, _, kwargs) in enumerate(configs):
+            times[k].append(one(**kwargs))
+    medians = {(d, n): statistics.median(t) for (d, n, _), t in zip(configs, times)}
+    fitted, raw = {}, {}
+    for d in depths:
+        if not sizes[d]:
+            continue
+        ys = [medians[(d, n)] for n in sizes[d]]
+        raw[d] = [float(np.interp(n, sizes[d], ys)) for n in range(1, MAX_NODES + 1)]
+        fitted[d] = _monotone(raw[d])
+    return medians[(0, 1)], fitted, raw
 
 
 def cartesian_candidates(depth: int) -> list[tuple[int, ...]]:
@@ -209,8 +230,8 @@ class TuneResult:
     expected_ss_tokens_per_sec: float
     expected_ar_tokens_per_sec: float
     step_cost_ar_s: float
-    step_cost_s: list[float]  # fitted, index n - 1 for a tree of n nodes
-    step_cost_raw_s: list[float]
+    step_cost_s: dict[int, list[float]]  # fitted, [depth][n - 1] for a tree of n nodes
+    step_cost_raw_s: dict[int, list[float]]
     rank_acceptance: list[list[float]]  # [depth][rank]
     best_speedup_by_size: dict[int, float]  # best expected speedup among candidates of each size
     candidates: list[dict]  # the best few, for the report
@@ -242,9 +263,12 @@ def tune_tree(model, prompts: Sequence[list[int]], max_tokens: int, eos: set[int
         if tree.paths in seen:
             continue
         seen.add(tree.paths)
+        if tree.size > MAX_NODES or tree.max_depth not in cost:
+            continue
         e = tokens_per_step(cal, tree)
-        scored.append(dict(tree=tree_spec(tree, ks), size=tree.size, tokens_per_step=e,
-                           speedup=e * c_ar / cost[tree.size - 1]))
+        c = cost[tree.max_depth][tree.size - 1]
+        scored.append(dict(tree=tree_spec(tree, ks), size=tree.size, depth=tree.max_depth, tokens_per_step=e,
+                           speedup=e * c_ar / c, step_cost_s=c))
     scored.sort(key=lambda s: -s["speedup"])
     best = scored[0]
     by_size: dict[int, float] = {}
@@ -252,7 +276,7 @@ def tune_tree(model, prompts: Sequence[list[int]], max_tokens: int, eos: set[int
         by_size[s["size"]] = max(by_size.get(s["size"], 0.0), s["speedup"])
     return TuneResult(
         tree=best["tree"], size=best["size"], expected_tokens_per_step=best["tokens_per_step"],
-        expected_speedup=best["speedup"], expected_ss_tokens_per_sec=best["tokens_per_step"] / cost[best["size"] - 1],
+        expected_speedup=best["speedup"], expected_ss_tokens_per_sec=best["tokens_per_step"] / best["step_cost_s"],
         expected_ar_tokens_per_sec=1.0 / c_ar, step_cost_ar_s=c_ar, step_cost_s=cost, step_cost_raw_s=raw,
         rank_acceptance=acc.round(4).tolist(), best_speedup_by_size=dict(sorted(by_size.items())),
         candidates=scored[:8], calibration_prompts=len(prompts), calibration_tokens=sum(cal.emitted),
