@@ -32,6 +32,7 @@ COMMANDS = [
     ("chat", "chat", "chat"),
     ("convert", "convert", "convert"),
     ("train", "train", "train"),
+    ("export", "export", "export"),
     ("bench", "bench", "bench"),
     ("serve", "serve", "serve"),
     ("doctor", "doctor", "doctor"),
@@ -65,7 +66,7 @@ _register()
 
 # Commands that do not run MLX matmuls: no OpenBLAS re-exec. Training runs PyTorch, and an
 # OpenBLAS preloaded into it takes over torch's BLAS calls too (measured 2.4x slower steps).
-NO_PRELOAD_COMMANDS = {"train"}
+NO_PRELOAD_COMMANDS = {"train", "export"}
 
 
 def wants_fast_blas(args: list[str]) -> bool:

@@ -227,3 +227,35 @@ def test_cli_bad_input(tmp_path, base, data, capsys, case, match):
     code, err = _cli(argv, capsys)
     assert code != 0
     assert err.startswith("error: ") and match in err, err
+
+
+@pytest.mark.parametrize("mode, lora_rank", [("shared", 4), ("lossless", 4), ("shared", 0)])
+def test_export_writes_the_checkpoint_weights(tmp_path, base, data, mode, lora_rank, capsys):
+    from safetensors.torch import load_file
+
+    from mlx_specstream.cli.main import main
+
+    run_training(args(base, data, tmp_path / "o", mode=mode, lora_rank=lora_rank, max_steps=4, save_every=2))
+    step = tmp_path / "o.checkpoints" / "step-00000002"
+    code = main(["export", "--checkpoint", str(step), "--output", str(tmp_path / "x")])
+    assert code == 0, capsys.readouterr().err
+    saved = load_file(str(step / "trainable.safetensors"))
+    got = SpecStreamLM.from_pretrained(tmp_path / "x")
+    params = dict(got.named_parameters())
+    for name, tensor in saved.items():
+        if "lora_" in name and mode == "shared":
+            continue  # merged below
+        torch.testing.assert_close(params[name.replace(".base_layer", "")], tensor, rtol=0, atol=0)
+    if mode == "shared" and lora_rank:  # peft LoRA folded in: W = W0 + (alpha / r) B A
+        w0 = dict(SpecStreamLM.from_pretrained(base, got.spec).named_parameters())
+        prefix = next(k for k in saved if k.endswith("q_proj.lora_A.default.weight")).rsplit(".lora_A", 1)[0]
+        a, b = saved[prefix + ".lora_A.default.weight"], saved[prefix + ".lora_B.default.weight"]
+        name = prefix.replace("base_model.model.", "") + ".weight"
+        want = w0[name] + (2 * lora_rank / lora_rank) * b @ a
+        torch.testing.assert_close(params[name], want, rtol=1e-6, atol=1e-6)
+    assert json.loads((tmp_path / "x" / "config.json").read_text())["prompt_template"] == "{input}"
+    assert json.loads((tmp_path / "x" / "training_args.json").read_text())["step"] == 2
+    # not a checkpoint: one clear line, nothing written
+    code = main(["export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "y")])
+    assert code != 0 and "is not a training checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from mlx_specstream.config import EXTRAS_FILE, read_config, spec_config_from
+from mlx_specstream.config import EXTRAS_FILE, SpecStreamConfig, read_config, spec_config_from
 from mlx_specstream.datasets import FORMATS, PROMPT_TEMPLATE_KEY, load_dataset
 
 from . import checkpoint as ckpt
@@ -194,6 +194,36 @@ def _prepare_paths(args: TrainArgs, dist: DistContext) -> tuple[Path, Path, Opti
     return out, ck_dir, None
 
 
+def spec_for(args: TrainArgs, hf_config: dict) -> SpecStreamConfig:
+    """The run's ``speculative_streaming`` block, validated against the model's config."""
+    return build_spec_config(
+        family=check_model_type(hf_config.get("model_type")), num_layers=int(hf_config.get("num_hidden_layers") or 0),
+        mode=args.mode, streams=args.streams, msa_layers=args.msa_layers, stream_init=args.stream_init,
+        stream_init_rank=args.stream_init_rank, pruning_rank=args.pruning_rank,
+        pruning_threshold=args.pruning_threshold, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_targets=args.lora_targets, stream_loss_weight=args.stream_loss_weight)
+
+
+def load_for_training(args: TrainArgs, spec: SpecStreamConfig):
+    """``args.model`` wrapped for training in ``spec``'s mode: (SpecStreamLM, peft model or None)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    return prepare(hf, spec, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                   lora_targets=args.lora_targets, seed=args.seed)
+
+
+def write_model_dir(out_dir: Path, model: SpecStreamLM, tokenizer, prompt_template: str, run_args: dict,
+                    metrics: dict, history: list, *, overwrite: bool) -> None:
+    """The final model directory (checkpoint convention + run records), written atomically."""
+    with ckpt.atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, config_updates={PROMPT_TEMPLATE_KEY: prompt_template})
+        tokenizer.save_pretrained(tmp)
+        (tmp / "training_args.json").write_text(json.dumps(run_args, indent=2, default=str) + "\n")
+        (tmp / "train_metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
+        (tmp / "train_log.jsonl").write_text("".join(json.dumps(_json_safe(h)) + "\n" for h in history))
+
+
 def run_training(args: TrainArgs) -> TrainResult:
     """Fine-tune ``args.model`` on ``args.data`` and write ``args.output`` (see the module docstring).
 
@@ -210,18 +240,12 @@ def run_training(args: TrainArgs) -> TrainResult:
 
 
 def _run(args: TrainArgs, dist: DistContext) -> TrainResult:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 1) // dist.local_world_size))
     out_dir, ck_dir, resume_from = _prepare_paths(args, dist)
     hf_config = read_config(args.model)
-    family = check_model_type(hf_config.get("model_type"))
-    num_layers = int(hf_config.get("num_hidden_layers") or 0)
-    spec = build_spec_config(
-        family=family, num_layers=num_layers, mode=args.mode, streams=args.streams, msa_layers=args.msa_layers,
-        stream_init=args.stream_init, stream_init_rank=args.stream_init_rank, pruning_rank=args.pruning_rank,
-        pruning_threshold=args.pruning_threshold, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-        lora_targets=args.lora_targets, stream_loss_weight=args.stream_loss_weight)
+    spec = spec_for(args, hf_config)
 
     # Data first: a bad file should fail before minutes of model loading.
     train_set = load_dataset(args.data, args.data_format, limit=args.max_examples)
@@ -246,9 +270,7 @@ def _run(args: TrainArgs, dist: DistContext) -> TrainResult:
         print(f"Skipped {dropped} examples whose prompt fills --max-length {args.max_length}.", file=sys.stderr)
 
     torch.manual_seed(args.seed)
-    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
-    model, peft_model = prepare(hf, spec, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                                lora_targets=args.lora_targets, seed=args.seed)
+    model, peft_model = load_for_training(args, spec)
     saved = spec_config_from(hf_config)
     if saved == spec and spec.num_streams and (Path(args.model) / EXTRAS_FILE).is_file():
         from safetensors.torch import load_file
@@ -382,12 +404,8 @@ def _run(args: TrainArgs, dist: DistContext) -> TrainResult:
     if dist.is_main:
         run_args = dict(dataclasses.asdict(args), world_size=dist.world_size, prompt_template=train_set.prompt_template,
                         speculative_streaming=spec.to_dict(), total_steps=total_steps)
-        with ckpt.atomic_directory(out_dir, overwrite=args.overwrite) as tmp:
-            model.save_pretrained(tmp, config_updates={PROMPT_TEMPLATE_KEY: train_set.prompt_template})
-            tokenizer.save_pretrained(tmp)
-            (tmp / "training_args.json").write_text(json.dumps(run_args, indent=2, default=str) + "\n")
-            (tmp / "train_metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
-            (tmp / "train_log.jsonl").write_text("".join(json.dumps(_json_safe(h)) + "\n" for h in history))
+        write_model_dir(out_dir, model, tokenizer, train_set.prompt_template, run_args, metrics, history,
+                        overwrite=args.overwrite)
         output_dir = out_dir
     dist.barrier()
     return TrainResult(output_dir=output_dir, steps=step, metrics=metrics, history=history, model=model)
