@@ -259,3 +259,20 @@ def test_export_writes_the_checkpoint_weights(tmp_path, base, data, mode, lora_r
     code = main(["export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "y")])
     assert code != 0 and "is not a training checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_lossless_stage_warm_starts_streams_of_a_shared_checkpoint(tmp_path, base, data, capsys):
+    from safetensors.torch import load_file
+
+    first = tmp_path / "shared"
+    run_training(args(base, data, first, mode="shared", lora_rank=0, max_steps=3))
+    second = tmp_path / "lossless"
+    run_training(args(first, data, second, mode="lossless", lora_rank=4, max_steps=1, lr=1e-9))
+    assert "Warm start from" in capsys.readouterr().err
+    a, b = load_file(str(first / EXTRAS_FILE)), load_file(str(second / EXTRAS_FILE))
+    torch.testing.assert_close(b["stream_embeddings"], a["stream_embeddings"], rtol=0, atol=1e-6)
+    assert any(k.startswith("stream_lora.") for k in b) and not any(k.startswith("stream_lora.") for k in a)
+    x = torch.tensor([[3, 5, 7, 9, 11]])
+    main_a = _logits(SpecStreamLM.from_pretrained(first), x).main_logits
+    main_b = _logits(SpecStreamLM.from_pretrained(second), x).main_logits
+    torch.testing.assert_close(main_b, main_a, rtol=0, atol=0)  # the main stream is untouched

@@ -224,6 +224,33 @@ def write_model_dir(out_dir: Path, model: SpecStreamLM, tokenizer, prompt_templa
         (tmp / "train_log.jsonl").write_text("".join(json.dumps(_json_safe(h)) + "\n" for h in history))
 
 
+def warm_start_extras(model: SpecStreamLM, model_dir: str, saved: Optional[SpecStreamConfig]) -> list[str]:
+    """Load the model directory's extras that fit this run; returns the names loaded.
+
+    The same block: every extra (continue a run). The same streams and MSA layers in another
+    mode or with other adapters (e.g. lossless stream training on top of a shared-mode
+    checkpoint): the stream embeddings and adapters whose names and shapes match; new
+    adapters (stream LoRA) start from their usual initialisation.
+    """
+    spec = model.spec
+    path = Path(model_dir) / EXTRAS_FILE
+    if saved is None or not spec.num_streams or not path.is_file():
+        return []
+    if (saved.num_streams, saved.num_msa_layers, saved.stream_init) != (
+            spec.num_streams, spec.num_msa_layers, spec.stream_init):
+        return []
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    if saved == spec:
+        model.load_extras(tensors)
+        return sorted(tensors)
+    own = model.extras_state_dict()
+    fit = {k: v for k, v in tensors.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    model.load_state_dict(fit, strict=False)
+    return sorted(fit)
+
+
 def run_training(args: TrainArgs) -> TrainResult:
     """Fine-tune ``args.model`` on ``args.data`` and write ``args.output`` (see the module docstring).
 
@@ -271,11 +298,9 @@ def _run(args: TrainArgs, dist: DistContext) -> TrainResult:
 
     torch.manual_seed(args.seed)
     model, peft_model = load_for_training(args, spec)
-    saved = spec_config_from(hf_config)
-    if saved == spec and spec.num_streams and (Path(args.model) / EXTRAS_FILE).is_file():
-        from safetensors.torch import load_file
-
-        model.load_extras(load_file(str(Path(args.model) / EXTRAS_FILE)))  # warm start
+    warm = warm_start_extras(model, args.model, spec_config_from(hf_config))
+    if warm and dist.is_main:
+        print(f"Warm start from {args.model}: {', '.join(warm)}.", file=sys.stderr)
     model.to(dist.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
