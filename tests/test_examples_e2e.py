@@ -184,3 +184,24 @@ def test_pretrain_tiny_run_writes_resumable_hf_model(tokenizer_dir, small_csvs, 
     resumed = load_file(str(out / "model.safetensors"))
     assert finished.keys() == resumed.keys()
     assert all(torch.equal(finished[k], resumed[k]) for k in finished)
+
+
+def test_distill_data_is_the_models_own_greedy_text(tmp_path, small_csvs):
+    pytest.importorskip("mlx.core")
+    from mlx_specstream import generate, load
+
+    distill = _load_example("distill_data")
+    out = tmp_path / "d.csv.gz"
+    distill.main(["--model", str(REPO / "mlx_specstream" / "demo"), "--output", str(out),
+                  "--train-csv", str(small_csvs[0]), "--limit", "3", "--max-tokens", "48"])
+    with gzip.open(out, "rt", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and len({r["mr"] for r in rows}) == 3
+    model, tokenizer = load(REPO / "mlx_specstream" / "demo")
+    template = model.config["prompt_template"]
+    for row in rows:
+        text = generate(model, tokenizer, template.replace("{input}", row["mr"]), max_tokens=48, speculate=False)
+        assert row["ref"] == text.strip()
+    with pytest.raises(SystemExit, match="exists"):  # never overwrites without --force
+        distill.main(["--model", str(REPO / "mlx_specstream" / "demo"), "--output", str(out),
+                      "--train-csv", str(small_csvs[0]), "--limit", "1"])
