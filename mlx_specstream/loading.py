@@ -7,6 +7,7 @@ names, the extras in ``speculative_streams.safetensors``, and tokenizer files.
 
 from __future__ import annotations
 
+import gc
 import glob
 import json
 import os
@@ -224,6 +225,10 @@ def load(path: Optional[PathLike] = None, dtype: Optional[str] = None):
     path = resolve_model_path(path)
     model, config = load_model(path, dtype=dtype)
     tokenizer = load_tokenizer(path, config)
+    # Everything alive now (tokenizer libraries, often torch) lives as long as the model; moving
+    # it out of the collector's view keeps full collections cheap during generation (they took
+    # ~5% of a decoding step's time on a CPU with transformers and torch imported).
+    gc.freeze()
     return model, tokenizer
 
 
