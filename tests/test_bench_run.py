@@ -105,6 +105,8 @@ def test_bench_json_keys_lossless_and_baselines(files, capsys, tmp_path):
         assert b["identical_fraction"] == 1.0, b["name"]  # every greedy baseline reproduces AR's tokens
         assert b["decode_tokens_per_sec"] > 0 and b["ss_speedup_over"] > 0 and b["tokens_per_step"] >= 1.0
     assert r["baselines"][0]["tokens_per_step"] == 1.0  # mlx-lm generate: one token per step
+    outputs = r["modes"]["ar"]["outputs"]
+    assert len(outputs) == 2 and outputs == r["modes"]["ss"]["outputs"]  # texts, for cross-run comparisons
     assert report.markdown(r).splitlines()[0] == out.splitlines()[0]  # the JSON alone renders the report
     why = report.plot(r, tmp_path / "p.png")
     assert (tmp_path / "p.png").is_file() if why is None else "matplotlib" in why

@@ -5,7 +5,8 @@ Top-level keys: ``speedup`` (median over repeats of SS / AR decode tokens/s, see
 ``ar_``/``ss_`` ``decode_tokens_per_sec``, ``latency_s``, ``peak_memory_gb``; ``num_samples``;
 ``rouge1``/``rougeLsum`` (percent) or ``exact_match`` (fraction) of the SS outputs of the first
 repeat when the data has references (``ar_``-prefixed for the AR outputs); ``baselines``: one object per baseline;
-``modes``: every mode's full statistics; ``tune`` when tuned; and the settings used.
+``modes``: every mode's full statistics (``outputs``: its texts of the first repeat); ``tune``
+when tuned; and the settings used.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def run_bench(
     for name, st in stats.items():
         texts = [_text(tokenizer, r.tokens, eos) for r in runs[name][0]]  # first repeat's outputs
         st["quality"] = quality(bench_data.metric, texts, refs)
+        st["outputs"] = texts  # e.g. to compare quantized and float32 outputs across runs
     ar, ss = stats["ar"], stats["ss"]
     ratios = speedups(runs["ss"], runs["ar"])
     result = {
