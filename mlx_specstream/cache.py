@@ -1,10 +1,14 @@
-"""A fixed-capacity key/value cache that commits an accepted tree path by gathering it into place.
+"""A key/value cache read whole through a mask, that commits an accepted tree path by
+gathering it into place.
 
 Each step writes the keys/values of all its new tokens (tree nodes, then stream tokens) at
 ``[offset, offset + S)``. Attention always reads the **whole buffer** through a mask that
 shows the committed prefix ``[0, offset)`` plus the step's own tokens as its local mask
-allows: shapes never depend on ``offset``, so a decoding step traces once and runs as one
-compiled graph for the whole generation (:mod:`.compiled`), with ``offset`` a device scalar.
+allows: shapes depend on the buffer's size, not on ``offset``, so a decoding step traces once
+per buffer size and runs as one compiled graph (:mod:`.compiled`), with ``offset`` a device
+scalar. The buffer grows in steps of ``QUANTUM`` tokens, just ahead of what the next step
+needs: every key read costs an exp in the softmax, so keys far past the offset would cost
+time, and a few sizes serve every prompt length (one trace each).
 Nothing is committed until the generator knows which nodes were accepted: ``commit(path)``
 gathers their entries to ``[offset, offset + len(path))`` and advances ``offset``. Rejected
 nodes and stream tokens stay behind as garbage, hidden by the mask and overwritten by the
@@ -17,7 +21,7 @@ from typing import Optional, Sequence, Union
 
 import mlx.core as mx
 
-GROWTH = 256  # extra room taken whenever an eagerly used buffer must grow
+QUANTUM = 32  # buffer sizes are multiples of this
 Offset = Union[int, mx.array]
 
 
@@ -32,29 +36,25 @@ class KVCache:
         self.offset: Offset = 0
 
     @classmethod
-    def view(cls, keys: mx.array, values: mx.array, offset: Offset, window: Optional[int] = None) -> "KVCache":
-        """A cache over existing buffers ``[B, H, C, D]`` (inside a compiled step). Attention
-        reads only the first ``window`` entries (a static bound >= offset + new tokens): keys
-        past it are all masked anyway, and every key read costs an exp in the softmax."""
+    def view(cls, keys: mx.array, values: mx.array, offset: Offset) -> "KVCache":
+        """A cache over existing buffers ``[B, H, C, D]`` (inside a compiled step)."""
         c = cls(keys.shape[2])
         c.keys, c.values, c.offset = keys, values, offset
-        c.window = window
         return c
 
-    window: Optional[int] = None
-
     def reserve(self, needed: int) -> None:
-        """Make room for ``needed`` tokens (eager use only: a compiled step's shapes are fixed)."""
+        """Make room for ``needed`` tokens, rounded up to ``QUANTUM`` (outside compiled steps:
+        their shapes are fixed)."""
         if needed <= self.capacity:
             return
-        self.capacity = max(needed + GROWTH, self.capacity)
+        self.capacity = -(-needed // QUANTUM) * QUANTUM
         if self.keys is not None:
             self.keys, self.values = _grow(self.keys, self.capacity), _grow(self.values, self.capacity)
 
     def attention_mask(self, local: Optional[mx.array], n: int) -> mx.array:
         """``[n, C]`` bool (True = may attend): the committed prefix, then ``local`` ``[n, n]``
         (None = every new token sees every other) over the new tokens, nothing beyond."""
-        return buffer_mask(local, n, self.offset, self.window or self.capacity)
+        return buffer_mask(local, n, self.offset, self.capacity)
 
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Write ``S`` new entries ``[B, H, S, D]`` at ``offset``; return the whole buffers."""
@@ -67,8 +67,6 @@ class KVCache:
         start = _as_array(self.offset)
         self.keys = mx.slice_update(self.keys, k, start, axes=(2,))
         self.values = mx.slice_update(self.values, v, start, axes=(2,))
-        if self.window is not None:
-            return self.keys[..., : self.window, :], self.values[..., : self.window, :]
         return self.keys, self.values
 
     def commit(self, path: Optional[Sequence[int]], count: int = 0) -> None:
@@ -124,14 +122,13 @@ def _grow(buf: mx.array, capacity: int) -> mx.array:
     return mx.concatenate([buf, mx.zeros((b, h, capacity - c, d), buf.dtype)], axis=2)
 
 
-def reserve_all(cache: Sequence[KVCache], new_tokens: int) -> None:
-    """Before an eager pass: room for ``new_tokens`` more in every layer (same capacity everywhere,
-    so one mask fits all layers)."""
+def reserve_all(cache: Sequence[KVCache], needed: int) -> None:
+    """Room for ``needed`` tokens in every layer (the same capacity everywhere, so one mask
+    fits all layers)."""
     for c in cache:
-        if isinstance(c.offset, int):
-            c.reserve(c.offset + new_tokens)
+        c.reserve(needed)
 
 
 def make_cache(num_layers: int, capacity: int = 0) -> list[KVCache]:
-    """One cache per layer; ``capacity`` preallocates room for that many tokens."""
+    """One cache per layer; ``capacity``: room for that many tokens at the first write."""
     return [KVCache(capacity) for _ in range(num_layers)]

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Callable, Optional
+from typing import Callable
 
 import mlx.core as mx
 
@@ -38,22 +38,21 @@ from .verify import accept, draft
 
 StepFn = Callable[..., tuple]
 
-# id(model) -> (model, {(kind, plan key, sampling, compiled, window): step}), most recent last.
+# id(model) -> (model, {(kind, plan key, sampling, compiled): step}), most recent last.
 # A compiled step holds its model, so the table keeps at most MAX_MODELS models alive; an id
 # cannot be reused while its model is in the table.
 MAX_MODELS = 4
 _TABLES: "collections.OrderedDict[int, tuple[object, dict]]" = collections.OrderedDict()
 
 
-def step_function(model, kind: str, plan: Plan, sampling: SamplingParams, compile: bool = True,
-                  window: Optional[int] = None) -> StepFn:
-    """The (cached) step of ``kind`` for ``model`` and ``plan``, its attention reading the first
-    ``window`` cache entries (None: all); ``compile=False`` gives the same function run eagerly."""
-    key = (kind, plan.tree, plan.n_main, sampling, compile, window)
+def step_function(model, kind: str, plan: Plan, sampling: SamplingParams, compile: bool = True) -> StepFn:
+    """The (cached) step of ``kind`` for ``model`` and ``plan``; ``compile=False`` gives the same
+    function run eagerly. A compiled step retraces once per cache buffer size."""
+    key = (kind, plan.tree, plan.n_main, sampling, compile)
     table = _model_table(model)
     fn = table.get(key)
     if fn is None:
-        fn = functools.partial(_KINDS[kind], model, plan, make_sampler(sampling), window)
+        fn = functools.partial(_KINDS[kind], model, plan, make_sampler(sampling))
         if compile:
             # Parameters are read at every call (not frozen into the trace), and sampling
             # advances the global random state as eager code would.
@@ -81,23 +80,23 @@ def clear() -> None:
     _TABLES.clear()
 
 
-def _views(keys, values, offset, window) -> list[KVCache]:
-    return [KVCache.view(k, v, offset, window) for k, v in zip(keys, values)]
+def _views(keys, values, offset) -> list[KVCache]:
+    return [KVCache.view(k, v, offset) for k, v in zip(keys, values)]
 
 
 def _buffers(cache: list[KVCache]) -> tuple[list[mx.array], list[mx.array]]:
     return [c.keys for c in cache], [c.values for c in cache]
 
 
-def _ar_step(model, plan, sampler, window, tokens, offset, keys, values):
-    cache = _views(keys, values, offset, window)
+def _ar_step(model, plan, sampler, tokens, offset, keys, values):
+    cache = _views(keys, values, offset)
     out = model.forward(tokens[None], cache, plan, streams=False)
     nxt = sampler(out.logits)
     return (nxt, nxt, offset + 1, *_buffers(cache))
 
 
-def _tree_step(model, plan, sampler, window, tokens, offset, keys, values):
-    cache = _views(keys, values, offset, window)
+def _tree_step(model, plan, sampler, tokens, offset, keys, values):
+    cache = _views(keys, values, offset)
     out = model.forward(tokens[None], cache, plan, streams=True)
     chosen = sampler(out.logits)
     best, path_tokens = accept(tokens, chosen, plan)
@@ -112,8 +111,8 @@ def _tree_step(model, plan, sampler, window, tokens, offset, keys, values):
     return (info, mx.concatenate([bonus, drafts]), offset + depth + 1, *_buffers(cache))
 
 
-def _chain_step(model, plan, sampler, window, tokens, offset, keys, values):
-    cache = _views(keys, values, offset, window)
+def _chain_step(model, plan, sampler, tokens, offset, keys, values):
+    cache = _views(keys, values, offset)
     out = model.forward(tokens[None], cache, plan, streams=False)
     chosen = sampler(out.logits)
     best, path_tokens = accept(tokens, chosen, plan)

@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
-from .cache import make_cache
+from .cache import make_cache, reserve_all
 from .compiled import step_function
 from .sampling import SamplingParams, make_sampler
 from .streams import AR_PLAN, SpecStreamModel, chain_plan, prefill_plan, tree_plan
@@ -22,8 +22,6 @@ from .verify import accept, draft
 # Per-depth top-k, cut to the number of streams: 13 nodes at γ = 4, cheap enough on a CPU.
 # `specstream bench --tune` measures and saves a better tree per model and device.
 DEFAULT_TREE = (3, 1, 1, 1)
-CAPACITY_QUANTUM = 128  # cache capacities are multiples of this (one compiled trace per capacity)
-WINDOW_QUANTUM = 32  # attention windows are multiples of this (one compiled trace per window)
 Prompt = Union[str, Sequence[int], Sequence[dict]]
 
 
@@ -52,11 +50,6 @@ def resolve_tree(model: SpecStreamModel, tree: Optional[TreeSpec]) -> Optional[T
     if parsed.size < 2:
         raise ValueError(f"Tree {spec!r} has no draft nodes; give at least one level, e.g. '1'.")
     return parsed
-
-
-def _capacity(tokens: int) -> int:
-    """Cache capacity for ``tokens``, rounded up so prompts of similar length share compiled steps."""
-    return -(-tokens // CAPACITY_QUANTUM) * CAPACITY_QUANTUM
 
 
 def generate_step(
@@ -94,18 +87,16 @@ def generate_step(
     plan = tree_plan(draft_tree, model.num_streams) if use_streams else AR_PLAN
     if prune_threshold is None and model.spec is not None and model.spec.pruning is not None:
         prune_threshold = model.spec.pruning.threshold
-    new_per_step = plan.n_main * (1 + plan.num_streams) if use_streams else 1
-    if drafter is not None:
-        new_per_step = drafter.num_draft + 1
-    advance = draft_tree.max_depth + 1 if use_streams else 1  # a pipelined step may run past the end
+    # positions up to the last step's deepest node, plus one pipelined step past the end
+    depth = draft_tree.max_depth if use_streams else (drafter.num_draft if drafter is not None else 0)
     limit = getattr(model.base, "max_positions", None)
-    needed = prompt.size + max_tokens + (plan.n_main if use_streams else new_per_step) + advance
+    needed = prompt.size + max_tokens + 2 * depth + 1
     if limit is not None and needed > limit:
         raise ValueError(
             f"Prompt ({prompt.size} tokens) + max_tokens ({max_tokens}) exceeds the model's "
             f"{limit} positions; shorten the prompt or lower max_tokens."
         )
-    layers_cache = make_cache(model.num_layers, capacity=_capacity(prompt.size + max_tokens + new_per_step + advance + 1))
+    layers_cache = make_cache(model.num_layers)
     if cache is not None:
         cache.extend(layers_cache)
     cache = layers_cache
@@ -145,12 +136,11 @@ def _launch(model, kind: str, plan, sampling, compile: bool, tokens: mx.array, o
             offset_bound: int, cache: list) -> _Launched:
     """Start one step of ``kind`` (:mod:`.compiled`) and point ``cache`` at its output buffers.
 
-    Attention reads a window of the buffer just past ``offset_bound`` (>= the offset) + the
-    step's new tokens, rounded up to ``WINDOW_QUANTUM`` so a generation reuses a few traces.
+    First the buffers grow, if needed, to hold the step's new tokens past ``offset_bound``
+    (>= the step's offset).
     """
-    new = plan.msa_mask.shape[0] if kind == "tree" else plan.n_main
-    window = min(cache[0].capacity, -(-(offset_bound + new) // WINDOW_QUANTUM) * WINDOW_QUANTUM)
-    fn = step_function(model, kind, plan, sampling, compile, window)
+    reserve_all(cache, offset_bound + (plan.msa_mask.shape[0] if kind == "tree" else plan.n_main))
+    fn = step_function(model, kind, plan, sampling, compile)
     info, nxt, next_offset, keys, values = fn(tokens, offset, [c.keys for c in cache], [c.values for c in cache])
     for c, k, v in zip(cache, keys, values):
         c.keys, c.values = k, v  # the old buffers are dropped, so the step may update them in place

@@ -284,8 +284,8 @@ class SpecStreamModel(nn.Module):
         offset = cache[0].offset if cache else 0
         streams = streams and self.num_streams > 0 and plan.msa_mask is not None
         split = self.msa_start if streams else len(layers)
-        if cache:
-            reserve_all(cache, plan.msa_mask.shape[0] if streams else plan.n_main)
+        if cache and isinstance(offset, int):  # eager pass (a compiled step's buffers are sized by its caller)
+            reserve_all(cache, offset + (plan.msa_mask.shape[0] if streams else plan.n_main))
 
         pos = plan.main_offsets + offset
         h = base.embed(tokens, pos)

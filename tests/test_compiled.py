@@ -1,4 +1,4 @@
-"""Compiled decoding steps: same numbers as eager steps, windows change nothing, traces are reused."""
+"""Compiled decoding steps: same numbers as eager steps at any buffer size, traces are reused."""
 
 import mlx.core as mx
 import numpy as np
@@ -25,7 +25,7 @@ def test_buffer_mask_worked_example():
     np.testing.assert_array_equal(np.array(buffer_mask(None, 1, 3, 5)), [[1, 1, 1, 1, 0]])
 
 
-def _prefilled(model, prompt, capacity=128):
+def _prefilled(model, prompt, capacity):
     cache = make_cache(model.num_layers, capacity)
     model.forward(mx.array(prompt)[None], cache, prefill_plan(len(prompt), 0), streams=False)
     for c in cache:
@@ -45,9 +45,9 @@ def test_compiled_step_equals_eager_step(kind, spec):
         plan = tree_plan(parse_tree_spec(spec), model.num_streams)
     tokens = mx.array(np.arange(plan.n_main) + 5, dtype=mx.int32)
     outs = []
-    for compile, window in [(False, None), (True, None), (True, 64)]:
-        cache = _prefilled(model, prompt)
-        fn = compiled.step_function(model, kind, plan, SamplingParams(), compile, window)
+    for compile, capacity in [(False, 64), (True, 64), (True, 96)]:  # extra buffer room changes nothing
+        cache = _prefilled(model, prompt, capacity)
+        fn = compiled.step_function(model, kind, plan, SamplingParams(), compile)
         info, nxt, offset, keys, values = fn(tokens, mx.array(len(prompt)), [c.keys for c in cache],
                                              [c.values for c in cache])
         outs.append((np.array(info), np.array(nxt), offset.item(), [np.array(k) for k in keys]))
@@ -59,7 +59,7 @@ def test_compiled_step_equals_eager_step(kind, spec):
         np.testing.assert_array_equal(nxt, ref[1])
         assert offset == ref[2]
         for got, want in zip(keys, ref[3]):
-            np.testing.assert_allclose(got, want, atol=1e-5)
+            np.testing.assert_allclose(got[..., :32, :], want[..., :32, :], atol=1e-5)
 
 
 @pytest.mark.parametrize("temp", [0.0, 0.8])
@@ -106,7 +106,7 @@ def test_traces_are_reused_across_generations():
     run_tokens(model, prompt, 60, tree="2,1")
     table = compiled._model_table(model)
     before = dict(table)
-    run_tokens(model, chain(perm, 9, 6), 60, tree="2,1")  # similar length: same capacity and windows
+    run_tokens(model, chain(perm, 9, 6), 60, tree="2,1")  # similar length: the same buffer sizes
     assert set(table) == set(before)
     assert all(table[k] is before[k] for k in before)
 

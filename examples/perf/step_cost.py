@@ -22,7 +22,6 @@ from mlx.utils import tree_flatten
 from mlx_specstream.cache import make_cache
 from mlx_specstream.compiled import step_function
 from mlx_specstream.config import SpecStreamConfig
-from mlx_specstream.generate import WINDOW_QUANTUM
 from mlx_specstream.sampling import SamplingParams
 from mlx_specstream.streams import AR_PLAN, prefill_plan, tree_plan
 from mlx_specstream.testing import random_model
@@ -56,17 +55,17 @@ def median_time(fn, repeats: int) -> float:
 def step_costs(model, trees: list[str], repeats: int, compile: bool) -> list[tuple[str, int, int, float]]:
     """(step, tree nodes, tokens in the MSA layers, seconds) per step kind, context CONTEXT."""
     vocab = model.base.args.vocab_size
-    cache = make_cache(model.num_layers, capacity=CONTEXT + 256)
-    model.forward(mx.random.randint(0, vocab, (1, CONTEXT)), cache, prefill_plan(CONTEXT, 0), streams=False)
-    for c in cache:
-        c.commit(None, CONTEXT)
-    keys, values = [c.keys for c in cache], [c.values for c in cache]
-    mx.eval(keys, values)
     offset = mx.array(CONTEXT, dtype=mx.int32)
 
     def timed(kind, plan, tokens, new):
-        window = -(-(CONTEXT + new) // WINDOW_QUANTUM) * WINDOW_QUANTUM
-        fn = step_function(model, kind, plan, SamplingParams(), compile, window)
+        cache = make_cache(model.num_layers)  # sized as the generator sizes it: just past the new tokens
+        model.forward(mx.random.randint(0, vocab, (1, CONTEXT)), cache, prefill_plan(CONTEXT, 0), streams=False)
+        for c in cache:
+            c.commit(None, CONTEXT)
+            c.reserve(CONTEXT + new)
+        keys, values = [c.keys for c in cache], [c.values for c in cache]
+        mx.eval(keys, values)
+        fn = step_function(model, kind, plan, SamplingParams(), compile)
         return median_time(lambda: mx.eval(fn(tokens, offset, keys, values)), repeats)
 
     rows = [("autoregressive", 1, 1, timed("ar", AR_PLAN, mx.array([1], dtype=mx.int32), 1))]
