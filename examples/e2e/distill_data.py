@@ -36,11 +36,13 @@ from mlx_specstream.datasets import read_e2e  # noqa: E402
 from mlx_specstream.generate import generate_step  # noqa: E402
 
 
-def greedy_text(model, tokenizer, prompt: str, max_tokens: int) -> str:
-    """The model's greedy continuation of ``prompt`` up to EOS, as text."""
+def greedy_text(model, tokenizer, prompt: str, max_tokens: int, tree: str = "1,1") -> str:
+    """The model's greedy continuation of ``prompt`` up to EOS, as text (speculative decoding
+    with ``tree`` when the model has streams: lossless, so the same text, just sooner)."""
     eos = set(tokenizer.eos_token_ids)
     ids: list[int] = []
-    for step in generate_step(model, mx.array(tokenizer.encode(prompt), dtype=mx.int32), max_tokens=max_tokens):
+    prompt_ids = mx.array(tokenizer.encode(prompt), dtype=mx.int32)
+    for step in generate_step(model, prompt_ids, max_tokens=max_tokens, tree=tree if model.num_streams else None):
         ids.extend(step.tokens)
         if eos & set(step.tokens) or len(ids) >= max_tokens:
             break
@@ -56,6 +58,7 @@ def main(argv=None) -> None:
     ap.add_argument("--train-csv", default=str(default_shared() / "data/e2e/trainset.csv.gz"))
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--limit", type=int, help="only the first N distinct MRs")
+    ap.add_argument("--tree", default="1,1", help="draft tree for generating (speed only; output is greedy)")
     ap.add_argument("--force", action="store_true", help="replace an existing output file")
     args = ap.parse_args(argv)
     out = Path(args.output)
@@ -67,7 +70,7 @@ def main(argv=None) -> None:
     rows, empty, start = [], 0, time.perf_counter()
     for n, ex in enumerate(examples, 1):
         prompt = template.replace("{input}", ex.input) if template else ex.prompt
-        text = greedy_text(model, tokenizer, prompt, args.max_tokens)
+        text = greedy_text(model, tokenizer, prompt, args.max_tokens, args.tree)
         if text:
             rows.append((ex.input, text))
         else:
