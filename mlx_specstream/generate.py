@@ -64,7 +64,7 @@ def generate_step(
     cache: Optional[list] = None,
     drafter=None,
     compile: bool = True,
-    pipeline: bool = True,
+    pipeline: Optional[bool] = None,
 ) -> Iterator[Step]:
     """Yield the tokens of each decoding step, the prefill's first token included.
 
@@ -77,7 +77,10 @@ def generate_step(
     ``compile``: run decoding steps as compiled graphs (:mod:`.compiled`; the same
     arithmetic, far fewer launches); False runs them eagerly. Pruning always runs eagerly
     (the pruned tree's shape changes every step). ``pipeline``: launch each step before the
-    previous one's tokens are read (see :func:`_decode_steps`; AR and tree steps).
+    previous one's tokens are read (see :func:`_decode_steps`; AR and tree steps). The
+    default (None) pipelines AR steps only: measured on a 2-core CPU, pipelined tree steps
+    decoded ~8% slower (the next step's launch competes with the current step's BLAS
+    threads), pipelined AR steps up to ~10% faster (BENCHMARKS.md).
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("The prompt must be a non-empty 1-D sequence of token ids.")
@@ -115,12 +118,14 @@ def generate_step(
     if drafter is not None:
         yield from _drafter_steps(model, cache, root, prompt.tolist(), drafter, max_tokens, sampling, compile)
     elif not use_streams:
-        yield from _decode_steps(model, "ar", AR_PLAN, sampling, compile, root, cache, max_tokens, pipeline)
+        yield from _decode_steps(model, "ar", AR_PLAN, sampling, compile, root, cache, max_tokens,
+                                 True if pipeline is None else pipeline)
     elif prune_threshold and model.has_pruning:
         yield from _pruned_tree_steps(model, cache, root, drafts, plan, max_tokens, sampler, prune_threshold)
     else:
         tokens = mx.concatenate([root, drafts])
-        yield from _decode_steps(model, "tree", plan, sampling, compile, tokens, cache, max_tokens, pipeline)
+        yield from _decode_steps(model, "tree", plan, sampling, compile, tokens, cache, max_tokens,
+                                 bool(pipeline))
 
 
 @dataclasses.dataclass

@@ -87,7 +87,7 @@ def test_pipelined_generation_stopped_early_leaves_a_consistent_cache():
     model, perm = markov_model("llama")
     prompt = chain(perm, 4, 5)
     cache: list = []
-    gen = generate_step(model, mx.array(prompt), max_tokens=200, tree="2,1", cache=cache)
+    gen = generate_step(model, mx.array(prompt), max_tokens=200, tree="2,1", cache=cache, pipeline=True)
     got = [t for _, s in zip(range(6), gen) for t in s.tokens]
     gen.close()  # one step is still in flight
     committed = cache[0].offset
