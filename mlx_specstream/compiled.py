@@ -3,9 +3,10 @@
 Why: a small model's decoding step is a few hundred tiny operations, and launching them one
 at a time costs more than their arithmetic (tens of microseconds each on a CPU). A compiled
 step fuses the elementwise work (rotary embeddings, masks, activations, acceptance) and no
-longer rebuilds the graph in Python every step. Its shapes are static: the cache buffers
-have a fixed capacity and the offset is a device scalar (see :mod:`.cache`), so one trace
-serves every step of every generation with the same step kind, tree, sampler and capacity.
+longer rebuilds the graph in Python every step. Its shapes are static between cache
+growths: the buffers grow in 32-token quanta and the offset is a device scalar (see
+:mod:`.cache`), so one trace per buffer size serves every step of every generation with the
+same step kind, tree and sampler.
 
 Every step function maps ``(tokens, offset, keys, values)`` to ``(info, next_tokens,
 next_offset, keys, values)``; ``keys``/``values`` are the per-layer cache buffers
