@@ -10,6 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_specstream.bench import report
 from mlx_specstream.bench import tune as tune_mod
 from mlx_specstream.bench.tune import (
     Calibration,
@@ -124,6 +125,11 @@ def test_bench_tune_writes_a_default_tree_that_loads_back(model_dir, tmp_path, c
     for costs in t["step_cost_s"].values():
         assert len(costs) == 8 and costs == sorted(costs)
     assert "### tuning: chose tree" in out.out
+    # the report says so when no tree is expected to pay on this device
+    assert ("no tree is expected" in out.out) == (t["expected_speedup"] < 1)
+    for expected, says in ((0.8, True), (1.2, False)):
+        t["expected_speedup"] = expected
+        assert ("no tree is expected to beat plain decoding" in report.markdown(r)) == says
 
 
 def test_cost_trees_have_the_size_and_depth_asked_for():

@@ -82,6 +82,10 @@ def markdown(result: dict) -> str:
                 f"{c['tree']} ({c['size']} nodes, {c['tokens_per_step']:.2f} tok/step, {c['speedup']:.2f}x)"
                 for c in t["candidates"][:4]),
         ]
+        if t["expected_speedup"] < 1.0:
+            lines.append(f"- **no tree is expected to beat plain decoding on this device** (best "
+                         f"{t['expected_speedup']:.2f}x): decode without speculation here "
+                         "(`--no-speculate`, `speculate=False`)")
     return "\n".join(lines)
 
 

@@ -45,6 +45,7 @@ from ..tree import Tree, cartesian_tree, parse_tree_spec, sparse_tree
 MAX_NODES = 32  # largest tree considered
 MAX_RANK = 8  # ranks >= this count as "not drafted"
 COST_STEPS = 16  # decoding steps timed per tree size and round
+COST_WARMUP_STEPS = 2  # steps run, not timed, first: the first step after the prefill also starts the pipeline
 COST_ROUNDS = 3
 
 
@@ -138,15 +139,18 @@ def step_costs(model, context: list[int], rounds: Optional[int] = None,
     nodes and depth ``d`` (n = 1..MAX_NODES; n <= d is not a valid tree and repeats the first).
 
     Times real decoding steps (``generate_step``: forward pass, acceptance, drafting, cache
-    commit) after prefilling ``context``: each configuration decodes ``steps`` steps, its cost
-    is their mean time (as the benchmark aggregates), then the median over ``rounds`` rounds
-    that interleave the configurations. Sizes between those of ``COST_SIZES`` are
+    commit) after prefilling ``context``: each configuration decodes ``COST_WARMUP_STEPS``
+    untimed steps (the first decoding step also pays for starting the pipeline: ~2x a
+    steady AR step on a small model, which made AR look dearer than it is), then ``steps``
+    steps; its cost is their mean time, then the median over ``rounds`` rounds that
+    interleave the configurations. Sizes between those of ``COST_SIZES`` are
     interpolated; each depth's costs are made non-decreasing in ``n`` (isotonic fit), since
     a bigger tree never costs less. Defaults: ``COST_ROUNDS`` rounds of ``COST_STEPS`` steps.
     """
     rounds, steps = rounds or COST_ROUNDS, steps or COST_STEPS
     prompt = mx.array(context, dtype=mx.int32)
-    max_tokens = steps * (model.num_streams + 1) + 1
+    total = steps + COST_WARMUP_STEPS
+    max_tokens = total * (model.num_streams + 1) + 1
 
     def one(**kwargs) -> float:
         times = []
@@ -156,9 +160,9 @@ def step_costs(model, context: list[int], rounds: Optional[int] = None,
             if not step.prefill:
                 times.append(now - tic)
             tic = now
-            if len(times) == steps:
+            if len(times) == total:
                 break
-        return statistics.fmean(times)
+        return statistics.fmean(times[COST_WARMUP_STEPS:] or times)
 
     depths = range(1, model.num_streams + 1)
     sizes = {d: [n for n in COST_SIZES if d < n <= MAX_NODES] for d in depths}
