@@ -79,8 +79,8 @@ def generate_step(
     (the pruned tree's shape changes every step). ``pipeline``: launch each step before the
     previous one's tokens are read (see :func:`_decode_steps`; AR and tree steps). The
     default (None) pipelines AR steps only: measured on a 2-core CPU, pipelined tree steps
-    decoded ~8% slower (the next step's launch competes with the current step's BLAS
-    threads), pipelined AR steps up to ~10% faster (BENCHMARKS.md).
+    decoded ~9% slower (the next step's launch competes with the current step's BLAS
+    threads), pipelined AR steps 1-3% faster (BENCHMARKS.md, examples/perf/pipeline.py).
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("The prompt must be a non-empty 1-D sequence of token ids.")
@@ -118,14 +118,12 @@ def generate_step(
     if drafter is not None:
         yield from _drafter_steps(model, cache, root, prompt.tolist(), drafter, max_tokens, sampling, compile)
     elif not use_streams:
-        yield from _decode_steps(model, "ar", AR_PLAN, sampling, compile, root, cache, max_tokens,
-                                 True if pipeline is None else pipeline)
+        yield from _decode_steps(model, "ar", AR_PLAN, sampling, compile, root, cache, max_tokens, pipeline)
     elif prune_threshold and model.has_pruning:
         yield from _pruned_tree_steps(model, cache, root, drafts, plan, max_tokens, sampler, prune_threshold)
     else:
         tokens = mx.concatenate([root, drafts])
-        yield from _decode_steps(model, "tree", plan, sampling, compile, tokens, cache, max_tokens,
-                                 bool(pipeline))
+        yield from _decode_steps(model, "tree", plan, sampling, compile, tokens, cache, max_tokens, pipeline)
 
 
 @dataclasses.dataclass
@@ -154,14 +152,17 @@ def _launch(model, kind: str, plan, sampling, compile: bool, tokens: mx.array, o
 
 
 def _decode_steps(model, kind: str, plan, sampling, compile: bool, tokens: mx.array, cache: list,
-                  max_tokens: int, pipeline: bool) -> Iterator[Step]:
+                  max_tokens: int, pipeline: Optional[bool]) -> Iterator[Step]:
     """AR or tree steps until ``max_tokens`` tokens were emitted (the prefill's included).
 
     With ``pipeline``, step k + 1 is launched before step k's tokens are read: all its inputs
     are device arrays, so the host's per-step work (reading tokens, yielding, the caller's
     detokenizing) overlaps the computation. A caller that stops early leaves that one step
-    unread; its results are simply dropped.
+    unread; its results are simply dropped. ``pipeline=None``: AR steps only (see
+    :func:`generate_step`).
     """
+    if pipeline is None:
+        pipeline = kind == "ar"
     advance = plan.tree.max_depth + 1 if kind == "tree" else 1  # most tokens one step commits
     offset = cache[0].offset
     pending = _launch(model, kind, plan, sampling, compile, tokens, mx.array(offset, dtype=mx.int32), offset, cache)
