@@ -1,0 +1,71 @@
+"""Pipelined vs sequential decoding steps, AR and tree, in real generations.
+
+Generates greedily from the first N prompts of an E2E file with four settings, interleaved
+per prompt (as `specstream bench` interleaves its modes), and prints decode tokens/s per
+setting after each round (prefill excluded; each generation stops at EOS).
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+        python examples/perf/pipeline.py [--model DIR] [--data CSV] [--num-samples 40] [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import mlx.core as mx
+
+from mlx_specstream import load
+from mlx_specstream.bench.data import load_bench_data
+from mlx_specstream.generate import generate_step
+from mlx_specstream.prompting import format_prompt
+
+SETTINGS = {
+    "AR, pipelined": dict(speculate=False, pipeline=True),
+    "AR, sequential": dict(speculate=False, pipeline=False),
+    "tree, pipelined": dict(pipeline=True),
+    "tree, sequential": dict(pipeline=False),
+}
+
+
+def decode(model, prompt: mx.array, eos: set[int], max_tokens: int, **kwargs) -> tuple[int, float]:
+    """(decoded tokens, decode seconds) of one greedy generation, prefill excluded."""
+    n, start = 0, None
+    for step in generate_step(model, prompt, max_tokens=max_tokens, **kwargs):
+        if step.prefill:
+            start = time.perf_counter()
+            continue
+        n += len(step.tokens)
+        if eos & set(step.tokens):
+            break
+    return n, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="model directory (default: the bundled demo)")
+    ap.add_argument("--data", default="../shared/data/e2e/devset.csv.gz")
+    ap.add_argument("--num-samples", type=int, default=40)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=4)
+    args = ap.parse_args()
+    model, tokenizer = load(args.model)
+    eos = set(tokenizer.eos_token_ids)
+    examples = load_bench_data(args.data, args.num_samples).examples
+    prompts = [mx.array(tokenizer.encode(format_prompt(model, ex.prompt)), dtype=mx.int32) for ex in examples]
+    for kwargs in SETTINGS.values():  # compile every trace first
+        for p in prompts[:5]:
+            decode(model, p, eos, args.max_tokens, **kwargs)
+    totals = {name: [0, 0.0] for name in SETTINGS}
+    print("| round | " + " | ".join(SETTINGS) + " |\n|---|" + "---|" * len(SETTINGS))
+    for r in range(1, args.rounds + 1):
+        for p in prompts:
+            for name, kwargs in SETTINGS.items():
+                n, t = decode(model, p, eos, args.max_tokens, **kwargs)
+                totals[name][0] += n
+                totals[name][1] += t
+        print(f"| {r} | " + " | ".join(f"{n / t:.1f}" for n, t in totals.values()) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
