@@ -29,10 +29,12 @@ python -m pytest -q tests/test_examples_stories260k.py -k "known_story or mlx_lm
     --max-new-tokens 256 --threads "$THREADS"
 
 # 3. Streams in lossless mode: base frozen, main stream untouched (DESIGN.md rule 10).
-#    5 layers: the top 2 are multi-stream layers.
+#    5 layers: the top 2 are multi-stream layers; stream-only LoRA (rank 8) on all seven linears
+#    of those layers (the default would adapt the attention projections only).
 [ -f "$RUNS/lossless/config.json" ] || specstream train \
     --model "$RUNS/base" --data "$RUNS/data/train.jsonl" --format jsonl \
     --mode lossless --streams 4 --msa-layers 2 \
+    --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --eval-examples 200 \
     --epochs 3 --lr 1e-3 --batch-size 16 --threads "$THREADS" --output "$RUNS/lossless"
 
 # 4. PyTorch checkpoint -> MLX (float32: the fast path on MLX CPU).
