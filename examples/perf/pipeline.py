@@ -2,10 +2,11 @@
 
 Generates greedily from the first N prompts of an E2E file with four settings, interleaved
 per prompt (as `specstream bench` interleaves its modes), and prints decode tokens/s per
-setting after each round (prefill excluded; each generation stops at EOS).
+setting after each round: cumulative, or of that round alone with ``--per-round`` (prefill
+excluded; each generation stops at EOS).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-        python examples/perf/pipeline.py [--model DIR] [--data CSV] [--num-samples 40] [--rounds 4]
+        python examples/perf/pipeline.py [--model DIR] [--data CSV] [--num-samples 40] [--rounds 4] [--per-round]
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=40)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--per-round", action="store_true", help="tokens/s of each round, not cumulative")
     args = ap.parse_args()
     model, tokenizer = load(args.model)
     eos = set(tokenizer.eos_token_ids)
@@ -59,6 +61,8 @@ def main() -> None:
     totals = {name: [0, 0.0] for name in SETTINGS}
     print("| round | " + " | ".join(SETTINGS) + " |\n|---|" + "---|" * len(SETTINGS))
     for r in range(1, args.rounds + 1):
+        if args.per_round:
+            totals = {name: [0, 0.0] for name in SETTINGS}
         for p in prompts:
             for name, kwargs in SETTINGS.items():
                 n, t = decode(model, p, eos, args.max_tokens, **kwargs)
