@@ -6,7 +6,7 @@ setting after each round: cumulative, or of that round alone with ``--per-round`
 excluded; each generation stops at EOS).
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-        python examples/perf/pipeline.py [--model DIR] [--data CSV] [--num-samples 40] [--rounds 4] [--per-round]
+        python examples/perf/pipeline.py [--model DIR] [--data CSV] [--num-samples 40] [--rounds 4] [--per-round] [--settings NAMES]
 """
 
 from __future__ import annotations
@@ -50,21 +50,29 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--per-round", action="store_true", help="tokens/s of each round, not cumulative")
+    ap.add_argument("--settings", help="';'-separated subset of: " + "; ".join(SETTINGS) + " (default: all)")
     args = ap.parse_args()
+    settings = SETTINGS
+    if args.settings:
+        names = [n.strip() for n in args.settings.split(";")]
+        unknown = [n for n in names if n not in SETTINGS]
+        if unknown:
+            ap.error(f"unknown settings {unknown}; choose from: " + "; ".join(SETTINGS))
+        settings = {n: SETTINGS[n] for n in names}
     model, tokenizer = load(args.model)
     eos = set(tokenizer.eos_token_ids)
     examples = load_bench_data(args.data, args.num_samples).examples
     prompts = [mx.array(tokenizer.encode(format_prompt(model, ex.prompt)), dtype=mx.int32) for ex in examples]
-    for kwargs in SETTINGS.values():  # compile every trace first
+    for kwargs in settings.values():  # compile every trace first
         for p in prompts[:5]:
             decode(model, p, eos, args.max_tokens, **kwargs)
-    totals = {name: [0, 0.0] for name in SETTINGS}
-    print("| round | " + " | ".join(SETTINGS) + " |\n|---|" + "---|" * len(SETTINGS))
+    totals = {name: [0, 0.0] for name in settings}
+    print("| round | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings))
     for r in range(1, args.rounds + 1):
         if args.per_round:
-            totals = {name: [0, 0.0] for name in SETTINGS}
+            totals = {name: [0, 0.0] for name in settings}
         for p in prompts:
-            for name, kwargs in SETTINGS.items():
+            for name, kwargs in settings.items():
                 n, t = decode(model, p, eos, args.max_tokens, **kwargs)
                 totals[name][0] += n
                 totals[name][1] += t

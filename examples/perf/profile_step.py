@@ -18,37 +18,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import mlx.core as mx
+from step_cost import step_runner  # this folder's step builder (the script's folder is on sys.path)
 
 from mlx_specstream import load
-from mlx_specstream.cache import make_cache
-from mlx_specstream.compiled import step_function
-from mlx_specstream.sampling import SamplingParams
-from mlx_specstream.streams import AR_PLAN, prefill_plan, tree_plan
-from mlx_specstream.tree import parse_tree_spec
-
-
-def step_loop(model, tree: str, context: int):
-    """A zero-argument function running one compiled step of ``tree`` ("ar" or a spec) to completion."""
-    vocab = model.base.args.vocab_size
-    if tree == "ar":
-        kind, plan, tokens, new = "ar", AR_PLAN, mx.array([1], dtype=mx.int32), 1
-    else:
-        spec = parse_tree_spec(tree)
-        if spec.max_depth > model.num_streams:
-            raise SystemExit(f"Tree {tree} is deeper than the model's {model.num_streams} streams.")
-        kind, plan = "tree", tree_plan(spec, model.num_streams)
-        tokens, new = mx.random.randint(0, vocab, (spec.size,)).astype(mx.int32), plan.msa_mask.shape[0]
-    cache = make_cache(model.num_layers)
-    model.forward(mx.random.randint(0, vocab, (1, context)), cache, prefill_plan(context, 0), streams=False)
-    for c in cache:
-        c.commit(None, context)
-        c.reserve(context + new)
-    keys, values = [c.keys for c in cache], [c.values for c in cache]
-    mx.eval(tokens, keys, values)
-    fn = step_function(model, kind, plan, SamplingParams())
-    offset = mx.array(context, dtype=mx.int32)
-    return lambda: mx.eval(fn(tokens, offset, keys, values))
 
 
 def main() -> None:
@@ -59,7 +31,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     args = ap.parse_args()
     model, _ = load(args.model)
-    step = step_loop(model, args.tree, args.context)
+    step, _, _ = step_runner(model, args.tree, args.context)
     for _ in range(5):
         step()
     n, start = 0, time.perf_counter()

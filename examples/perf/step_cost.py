@@ -52,31 +52,39 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def step_runner(model, tree: str, context: int = CONTEXT, compile: bool = True):
+    """``(run, tree nodes, tokens in the MSA layers)`` for one decoding step of ``tree`` ("ar" or
+    a tree spec) after ``context`` committed tokens: ``run()`` executes that step to completion
+    as the generator runs it, on the same inputs every time (a steady loop)."""
+    vocab = model.base.args.vocab_size
+    if tree == "ar":
+        kind, plan, tokens, nodes, new = "ar", AR_PLAN, mx.array([1], dtype=mx.int32), 1, 1
+    else:
+        spec = parse_tree_spec(tree)
+        if spec.max_depth > model.num_streams:
+            raise SystemExit(f"Tree {tree} is deeper than the model's {model.num_streams} streams.")
+        kind, plan, nodes = "tree", tree_plan(spec, model.num_streams), spec.size
+        tokens, new = mx.random.randint(0, vocab, (nodes,)).astype(mx.int32), plan.msa_mask.shape[0]
+    cache = make_cache(model.num_layers)  # sized as the generator sizes it: just past the new tokens
+    model.forward(mx.random.randint(0, vocab, (1, context)), cache, prefill_plan(context, 0), streams=False)
+    for c in cache:
+        c.commit(None, context)
+        c.reserve(context + new)
+    keys, values = [c.keys for c in cache], [c.values for c in cache]
+    mx.eval(tokens, keys, values)
+    fn = step_function(model, kind, plan, SamplingParams(), compile)
+    offset = mx.array(context, dtype=mx.int32)
+    return (lambda: mx.eval(fn(tokens, offset, keys, values))), nodes, new
+
+
 def step_costs(model, trees: list[str], repeats: int, compile: bool) -> list[tuple[str, int, int, float]]:
     """(step, tree nodes, tokens in the MSA layers, seconds) per step kind, context CONTEXT."""
-    vocab = model.base.args.vocab_size
-    offset = mx.array(CONTEXT, dtype=mx.int32)
-
-    def timed(kind, plan, tokens, new):
-        cache = make_cache(model.num_layers)  # sized as the generator sizes it: just past the new tokens
-        model.forward(mx.random.randint(0, vocab, (1, CONTEXT)), cache, prefill_plan(CONTEXT, 0), streams=False)
-        for c in cache:
-            c.commit(None, CONTEXT)
-            c.reserve(CONTEXT + new)
-        keys, values = [c.keys for c in cache], [c.values for c in cache]
-        mx.eval(keys, values)
-        fn = step_function(model, kind, plan, SamplingParams(), compile)
-        return median_time(lambda: mx.eval(fn(tokens, offset, keys, values)), repeats)
-
-    rows = [("autoregressive", 1, 1, timed("ar", AR_PLAN, mx.array([1], dtype=mx.int32), 1))]
-    for spec in trees:
-        tree = parse_tree_spec(spec)
-        if tree.max_depth > model.num_streams:
+    rows = []
+    for name, tree in [("autoregressive", "ar")] + [(spec, spec) for spec in trees]:
+        if tree != "ar" and parse_tree_spec(tree).max_depth > model.num_streams:
             continue
-        plan = tree_plan(tree, model.num_streams)
-        tokens = mx.random.randint(0, vocab, (tree.size,)).astype(mx.int32)
-        msa = plan.msa_mask.shape[0]
-        rows.append((spec, tree.size, msa, timed("tree", plan, tokens, msa)))
+        run, nodes, msa = step_runner(model, tree, CONTEXT, compile)
+        rows.append((name, nodes, msa, median_time(run, repeats)))
     return rows
 
 
