@@ -39,10 +39,13 @@ class LowRankResidual(nn.Module):
 class StreamLoRALinear(nn.Module):
     """A linear layer whose LoRA delta applies to stream tokens only (lossless mode).
 
-    The delta is scaled by ``stream_rows`` (1 for stream tokens, 0 for main ones): main-stream
-    rows get ``y + 0``, exactly the base layer's output, so the main stream stays the base
-    model's. (Masking costs two small matmuls over main rows; slicing the stream rows out and
-    concatenating them back costs more operations, which dominate on small models.)
+    The rank-``ρ`` projection is scaled by ``stream_rows`` (1 for stream tokens, 0 for main
+    ones) before the up-projection, which is fused with the add (``addmm``): main-stream rows
+    get ``y + 0``, exactly the base layer's output, so the main stream stays the base model's.
+    (Masking costs two small matmuls over main rows; slicing the stream rows out and
+    concatenating them back costs more operations, which dominate on small models. Masking the
+    ``[S, ρ]`` projection instead of the ``[S, out]`` delta, and ``addmm`` instead of a matmul,
+    a scale and an add, leaves two extra operations per linear.)
     """
 
     stream_only = True
@@ -58,8 +61,8 @@ class StreamLoRALinear(nn.Module):
         y = self.base(x)
         if stream_rows is None:
             return y
-        delta = ((x @ self.lora_a.T) @ self.lora_b.T) * (self.scale * stream_rows)
-        return y + delta.astype(y.dtype)
+        low = (x @ self.lora_a.T).astype(y.dtype) * stream_rows.astype(y.dtype)
+        return mx.addmm(y, low, self.lora_b.T.astype(y.dtype), alpha=self.scale)
 
 
 @dataclasses.dataclass(frozen=True)
