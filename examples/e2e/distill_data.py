@@ -6,8 +6,10 @@ greedy description, as an E2E CSV.
 Why: drafts are accepted when they equal the main stream's greedy choice, but the shared-mode
 fine-tune teaches the streams the human references, which vary wildly for one MR (8.7
 references per MR on average, different wordings). Trained on the model's own greedy
-outputs, in lossless mode (main stream frozen, so every output stays exactly the
-fine-tuned model's), the streams learn the one continuation they are judged against.
+outputs, the streams learn the one continuation they are judged against. `run_all.sh` uses
+the file twice: a further shared-mode fine-tune on it (the bundled demo; the main stream
+trains too, so its outputs may change and quality is re-measured), and optionally a
+lossless-mode stream training (main stream frozen, outputs exactly the fine-tuned model's).
 
 Reads the distinct MRs of the train split, generates each description with the model in
 ``--model`` (greedy; speculative decoding is lossless, so the text is the plain greedy text),

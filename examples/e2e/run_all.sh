@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # E2E NLG demo model, end to end: tokenizer -> from-scratch base -> Speculative Streaming
-# fine-tune (shared mode, the paper's settings; the bundled demo) + the plain fine-tune
-# baseline -> MLX -> tune + bench (optionally: lossless stream self-distillation).
+# fine-tune (shared mode, the paper's settings) + the plain fine-tune
+# baseline -> MLX -> lossless stream self-distillation (the bundled demo) -> tune + bench.
 # Run from the repository root. Every step skips itself when its output already exists;
 # the pretraining steps resume from their newest checkpoint when rerun.
 #
@@ -53,44 +53,66 @@ for m in e2e_ss e2e_plain e2e_draft; do
         --mlx-path "$RUNS/${m}_mlx" --dtype float32
 done
 
-# 5. The bundled demo model (<= 16 MB) is the paper-recipe SS fine-tune: a copy of e2e_ss_mlx
-#    whose default tree is tuned on 16 dev MRs (saved into config.json), then all 630 test MRs
-#    (greedy, float32, OpenBLAS preloaded by specstream) with every baseline: mlx-lm generate,
-#    mlx-lm draft-model speculative decoding, prompt lookup decoding through our verifier.
-[ -f "$RUNS/e2e_demo_mlx/config.json" ] || cp -r "$RUNS/e2e_ss_mlx" "$RUNS/e2e_demo_mlx"
-specstream bench --model "$RUNS/e2e_demo_mlx" --data "$E2E/testset_w_refs.csv.gz" \
+# 5. Self-distillation, the stage that makes the bundled demo: the SS fine-tune's own greedy
+#    description of every distinct train MR (4,862; ~7 min), then 2 more epochs of the same
+#    shared-mode training (all weights, γ = 4, N_s = 3, a_j = 0.1) on those descriptions
+#    (292 steps, ~11 min on one core). Human references vary (8.7 per MR); the model's own text
+#    is the one continuation drafts are checked against, so the streams learn to predict it.
+#    The main stream is retrained too, so the outputs are no longer exactly e2e_ss's: quality
+#    is re-measured on the test MRs (ROUGE, step 6).
+[ -f "$RUNS/e2e_distill/train.csv.gz" ] || python examples/e2e/distill_data.py \
+    --model "$RUNS/e2e_ss_mlx" --output "$RUNS/e2e_distill/train.csv.gz"
+[ -f "$RUNS/e2e_ss_selfdistill/config.json" ] || specstream train --model "$RUNS/e2e_ss" \
+    --data "$RUNS/e2e_distill/train.csv.gz" --format e2e --mode shared --lora-rank 0 \
+    --streams 4 --msa-layers 3 --stream-loss-weight 0.1 --epochs 2 --lr 5e-4 --warmup-steps 20 \
+    --batch-size 32 --eval-examples 200 --save-every 100 --threads "$THREADS" --output "$RUNS/e2e_ss_selfdistill"
+[ -f "$RUNS/e2e_ss_selfdistill_mlx/config.json" ] || specstream convert --hf-path "$RUNS/e2e_ss_selfdistill" \
+    --mlx-path "$RUNS/e2e_ss_selfdistill_mlx" --dtype float32
+
+# 6. The bundled demo model (<= 16 MB) is the self-distilled model, its default tree tuned on
+#    16 dev MRs (saved into config.json), then all 630 test MRs (greedy, float32, OpenBLAS
+#    preloaded by specstream) with every baseline: mlx-lm generate, mlx-lm draft-model
+#    speculative decoding, prompt lookup decoding through our verifier. Then the same for the
+#    paper-recipe fine-tune before self-distillation (e2e_ss_mlx, tuned the same way).
+specstream bench --model "$RUNS/e2e_ss_selfdistill_mlx" --data "$E2E/testset_w_refs.csv.gz" \
     --max-tokens 128 --repeats 1 --tune --tune-data "$E2E/devset.csv.gz" --tune-samples 16 \
     --baselines "mlx-lm,draft:$RUNS/e2e_draft_mlx,lookup" --json "$RUNS/e2e_demo_bench.json" \
     --plot "$RUNS/e2e_demo_tune.png"
+specstream bench --model "$RUNS/e2e_ss_mlx" --data "$E2E/testset_w_refs.csv.gz" \
+    --max-tokens 128 --repeats 1 --tune --tune-data "$E2E/devset.csv.gz" --tune-samples 16 \
+    --json "$RUNS/e2e_ss_bench.json"
 # the quality baseline: ROUGE of the plain fine-tune on the same MRs
 specstream bench --model "$RUNS/e2e_plain_mlx" --data "$E2E/testset_w_refs.csv.gz" \
     --max-tokens 128 --repeats 1 --json "$RUNS/e2e_plain_bench.json"
 # 8- and 4-bit: tokens per step, memory, outputs vs float32 (the JSONs' modes.ar.outputs),
 # first 200 test MRs, the demo's tuned tree
 TREE=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['speculative_streaming']['default_tree'])" \
-    "$RUNS/e2e_demo_mlx/config.json")
+    "$RUNS/e2e_ss_selfdistill_mlx/config.json")
 for bits in 8 4; do
-    [ -f "$RUNS/e2e_demo_mlx_q$bits/config.json" ] || specstream convert --hf-path "$RUNS/e2e_ss" \
-        --mlx-path "$RUNS/e2e_demo_mlx_q$bits" --quantize --q-bits "$bits"
-    specstream bench --model "$RUNS/e2e_demo_mlx_q$bits" --data "$E2E/testset_w_refs.csv.gz" \
+    [ -f "$RUNS/e2e_selfdistill_q$bits/config.json" ] || specstream convert --hf-path "$RUNS/e2e_ss_selfdistill" \
+        --mlx-path "$RUNS/e2e_selfdistill_q$bits" --quantize --q-bits "$bits"
+    specstream bench --model "$RUNS/e2e_selfdistill_q$bits" --data "$E2E/testset_w_refs.csv.gz" \
         --num-samples 200 --max-tokens 128 --repeats 1 --tree "$TREE" --json "$RUNS/e2e_demo_q${bits}_bench.json"
 done
+# the float32 model on the same 200 MRs, for the quantized table
+specstream bench --model "$RUNS/e2e_ss_selfdistill_mlx" --data "$E2E/testset_w_refs.csv.gz" \
+    --num-samples 200 --max-tokens 128 --repeats 1 --json "$RUNS/e2e_demo_f32_200_bench.json"
 
-# 6. Optional (DISTILL=1; not run for the bundled model, CPU budget): stream self-
-#    distillation in lossless mode. The SS model's own greedy description of every train MR,
-#    then streams trained on it with the fine-tuned model frozen (stream embeddings warm-
-#    started, stream-only LoRA in the MSA layers). Outputs stay exactly those of e2e_ss; the
-#    streams learn the one continuation drafts are checked against.
-if [ "${DISTILL:-0}" = 1 ]; then
-    [ -f "$RUNS/e2e_distill/train.csv.gz" ] || python examples/e2e/distill_data.py \
-        --model "$RUNS/e2e_ss_mlx" --output "$RUNS/e2e_distill/train.csv.gz"
+# 7. Optional (DISTILL_LOSSLESS=1): the lossless alternative to step 5. Same data, but the
+#    fine-tuned model frozen (outputs stay exactly e2e_ss's) and only the streams trained:
+#    stream embeddings and pruning adapter warm-started, stream-only LoRA rank 8 on the seven
+#    linears of the 3 multi-stream layers, 4 epochs (584 steps, ~11 min with THREADS=2). More
+#    tokens per step than e2e_ss, but the LoRA makes every tree step dearer (BENCHMARKS.md).
+if [ "${DISTILL_LOSSLESS:-0}" = 1 ]; then
     [ -f "$RUNS/e2e_distilled/config.json" ] || specstream train --model "$RUNS/e2e_ss" \
         --data "$RUNS/e2e_distill/train.csv.gz" --format e2e --mode lossless --lora-rank 8 \
         --lora-targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --streams 4 --msa-layers 3 \
-        --epochs 4 --lr 1e-3 --warmup-steps 20 --batch-size 32 --threads "$THREADS" --output "$RUNS/e2e_distilled"
+        --epochs 4 --lr 1e-3 --warmup-steps 20 --batch-size 32 --eval-examples 200 --save-every 150 \
+        --threads "$THREADS" --output "$RUNS/e2e_distilled"
     [ -f "$RUNS/e2e_distilled_mlx/config.json" ] || specstream convert --hf-path "$RUNS/e2e_distilled" \
         --mlx-path "$RUNS/e2e_distilled_mlx" --dtype float32
-    specstream bench --model "$RUNS/e2e_distilled_mlx" --data "$E2E/testset_w_refs.csv.gz" \
-        --max-tokens 128 --repeats 1 --tune --tune-data "$E2E/devset.csv.gz" --tune-samples 16 \
-        --json "$RUNS/e2e_distilled_bench.json"
+    for tree in 1,1,1 1,1,1,1; do
+        specstream bench --model "$RUNS/e2e_distilled_mlx" --data "$E2E/testset_w_refs.csv.gz" \
+            --max-tokens 128 --repeats 1 --tree "$tree" --json "$RUNS/e2e_distilled_bench_$tree.json"
+    done
 fi
