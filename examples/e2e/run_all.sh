@@ -53,52 +53,60 @@ for m in e2e_ss e2e_plain e2e_draft; do
         --mlx-path "$RUNS/${m}_mlx" --dtype float32
 done
 
-# 5. Self-distillation, the stage that makes the bundled demo: the SS fine-tune's own greedy
-#    description of every distinct train MR (4,862; ~7 min), then 2 more epochs of the same
-#    shared-mode training (all weights, γ = 4, N_s = 3, a_j = 0.1) on those descriptions
-#    (292 steps, ~11 min on one core). Human references vary (8.7 per MR); the model's own text
-#    is the one continuation drafts are checked against, so the streams learn to predict it.
-#    The main stream is retrained too, so the outputs are no longer exactly e2e_ss's: quality
-#    is re-measured on the test MRs (ROUGE, step 6).
+# 5. Self-distillation, the stage that makes the bundled demo, in two rounds. Round 1: the SS
+#    fine-tune's own greedy description of every distinct train MR (4,862; ~7 min), then 2 more
+#    epochs of the same shared-mode training (all weights, γ = 4, N_s = 3, a_j = 0.1) on them
+#    (292 steps, ~11 min on one core). Round 2: the same from the round-1 model, 3 epochs (438
+#    steps, ~12 min with THREADS=2). Human references vary (8.7 per MR); the model's own text is
+#    the one continuation drafts are checked against, so the streams learn to predict it. The
+#    main stream trains too, so the outputs change: quality is re-measured (ROUGE, step 6).
 [ -f "$RUNS/e2e_distill/train.csv.gz" ] || python examples/e2e/distill_data.py \
     --model "$RUNS/e2e_ss_mlx" --output "$RUNS/e2e_distill/train.csv.gz"
+SD="--format e2e --mode shared --lora-rank 0 --streams 4 --msa-layers 3 --stream-loss-weight 0.1 \
+    --lr 5e-4 --warmup-steps 20 --batch-size 32 --eval-examples 200 --save-every 100 --threads $THREADS"
 [ -f "$RUNS/e2e_ss_selfdistill/config.json" ] || specstream train --model "$RUNS/e2e_ss" \
-    --data "$RUNS/e2e_distill/train.csv.gz" --format e2e --mode shared --lora-rank 0 \
-    --streams 4 --msa-layers 3 --stream-loss-weight 0.1 --epochs 2 --lr 5e-4 --warmup-steps 20 \
-    --batch-size 32 --eval-examples 200 --save-every 100 --threads "$THREADS" --output "$RUNS/e2e_ss_selfdistill"
+    --data "$RUNS/e2e_distill/train.csv.gz" $SD --epochs 2 --output "$RUNS/e2e_ss_selfdistill"
 [ -f "$RUNS/e2e_ss_selfdistill_mlx/config.json" ] || specstream convert --hf-path "$RUNS/e2e_ss_selfdistill" \
     --mlx-path "$RUNS/e2e_ss_selfdistill_mlx" --dtype float32
+[ -f "$RUNS/e2e_distill2/train.csv.gz" ] || python examples/e2e/distill_data.py \
+    --model "$RUNS/e2e_ss_selfdistill_mlx" --output "$RUNS/e2e_distill2/train.csv.gz"
+[ -f "$RUNS/e2e_ss_selfdistill2/config.json" ] || specstream train --model "$RUNS/e2e_ss_selfdistill" \
+    --data "$RUNS/e2e_distill2/train.csv.gz" $SD --epochs 3 --output "$RUNS/e2e_ss_selfdistill2"
+[ -f "$RUNS/e2e_ss_selfdistill2_mlx/config.json" ] || specstream convert --hf-path "$RUNS/e2e_ss_selfdistill2" \
+    --mlx-path "$RUNS/e2e_ss_selfdistill2_mlx" --dtype float32
 
-# 6. The bundled demo model (<= 16 MB) is the self-distilled model, its default tree tuned on
-#    16 dev MRs (saved into config.json), then all 630 test MRs (greedy, float32, OpenBLAS
-#    preloaded by specstream) with every baseline: mlx-lm generate, mlx-lm draft-model
-#    speculative decoding, prompt lookup decoding through our verifier. Then the same for the
-#    paper-recipe fine-tune before self-distillation (e2e_ss_mlx, tuned the same way).
-specstream bench --model "$RUNS/e2e_ss_selfdistill_mlx" --data "$E2E/testset_w_refs.csv.gz" \
+# 6. The bundled demo model (<= 16 MB) is the round-2 model, its default tree tuned on 16 dev
+#    MRs (saved into config.json), then all 630 test MRs (greedy, float32, OpenBLAS preloaded
+#    by specstream) with every baseline: mlx-lm generate, mlx-lm draft-model speculative
+#    decoding, prompt lookup decoding through our verifier. Then the round-1 model and the
+#    paper-recipe fine-tune before self-distillation (e2e_ss_mlx), tuned the same way.
+specstream bench --model "$RUNS/e2e_ss_selfdistill2_mlx" --data "$E2E/testset_w_refs.csv.gz" \
     --max-tokens 128 --repeats 1 --tune --tune-data "$E2E/devset.csv.gz" --tune-samples 16 \
     --baselines "mlx-lm,draft:$RUNS/e2e_draft_mlx,lookup" --json "$RUNS/e2e_demo_bench.json" \
     --plot "$RUNS/e2e_demo_tune.png"
-specstream bench --model "$RUNS/e2e_ss_mlx" --data "$E2E/testset_w_refs.csv.gz" \
-    --max-tokens 128 --repeats 1 --tune --tune-data "$E2E/devset.csv.gz" --tune-samples 16 \
-    --json "$RUNS/e2e_ss_bench.json"
+for m in e2e_ss_selfdistill e2e_ss; do
+    specstream bench --model "$RUNS/${m}_mlx" --data "$E2E/testset_w_refs.csv.gz" \
+        --max-tokens 128 --repeats 1 --tune --tune-data "$E2E/devset.csv.gz" --tune-samples 16 \
+        --json "$RUNS/${m}_bench.json"
+done
 # the quality baseline: ROUGE of the plain fine-tune on the same MRs
 specstream bench --model "$RUNS/e2e_plain_mlx" --data "$E2E/testset_w_refs.csv.gz" \
     --max-tokens 128 --repeats 1 --json "$RUNS/e2e_plain_bench.json"
 # 8- and 4-bit: tokens per step, memory, outputs vs float32 (the JSONs' modes.ar.outputs),
 # first 200 test MRs, the demo's tuned tree
 TREE=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['speculative_streaming']['default_tree'])" \
-    "$RUNS/e2e_ss_selfdistill_mlx/config.json")
+    "$RUNS/e2e_ss_selfdistill2_mlx/config.json")
 for bits in 8 4; do
-    [ -f "$RUNS/e2e_selfdistill_q$bits/config.json" ] || specstream convert --hf-path "$RUNS/e2e_ss_selfdistill" \
-        --mlx-path "$RUNS/e2e_selfdistill_q$bits" --quantize --q-bits "$bits"
-    specstream bench --model "$RUNS/e2e_selfdistill_q$bits" --data "$E2E/testset_w_refs.csv.gz" \
+    [ -f "$RUNS/e2e_selfdistill2_q$bits/config.json" ] || specstream convert --hf-path "$RUNS/e2e_ss_selfdistill2" \
+        --mlx-path "$RUNS/e2e_selfdistill2_q$bits" --quantize --q-bits "$bits"
+    specstream bench --model "$RUNS/e2e_selfdistill2_q$bits" --data "$E2E/testset_w_refs.csv.gz" \
         --num-samples 200 --max-tokens 128 --repeats 1 --tree "$TREE" --json "$RUNS/e2e_demo_q${bits}_bench.json"
 done
 # the float32 model on the same 200 MRs, for the quantized table
-specstream bench --model "$RUNS/e2e_ss_selfdistill_mlx" --data "$E2E/testset_w_refs.csv.gz" \
+specstream bench --model "$RUNS/e2e_ss_selfdistill2_mlx" --data "$E2E/testset_w_refs.csv.gz" \
     --num-samples 200 --max-tokens 128 --repeats 1 --json "$RUNS/e2e_demo_f32_200_bench.json"
 
-# 7. Optional (DISTILL_LOSSLESS=1): the lossless alternative to step 5. Same data, but the
+# 7. Optional (DISTILL_LOSSLESS=1): the lossless alternative to step 5. Round-1 data, but the
 #    fine-tuned model frozen (outputs stay exactly e2e_ss's) and only the streams trained:
 #    stream embeddings and pruning adapter warm-started, stream-only LoRA rank 8 on the seven
 #    linears of the 3 multi-stream layers, 4 epochs (584 steps, ~11 min with THREADS=2). More
