@@ -6,6 +6,7 @@ import dataclasses
 import io
 import os
 import re
+import signal
 import sys
 
 import pytest
@@ -159,6 +160,9 @@ def test_chat_in_a_real_terminal(model_dir):
                          "--system", "be brief"],
         env={**os.environ, "TERM": "xterm"}, encoding="utf-8", codec_errors="replace", timeout=60,
         dimensions=(40, 200),
+        # a test run started in the background (`cmd &` in a script) inherits SIGINT ignored,
+        # and so would the child: give it the default disposition a terminal user has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         child.expect("/help for commands")
@@ -179,9 +183,8 @@ def test_chat_in_a_real_terminal(model_dir):
         child.sendline("/reset")
         child.expect("Conversation cleared.")
         child.expect(">>> ")
-        # A SIGINT that lands after readline printed the prompt but before it waits for input
-        # only sets CPython's flag, which readline checks when select() returns; the next
-        # Ctrl-C interrupts the wait. So: up to three Ctrl-C, the message must come back.
+        # Up to three Ctrl-C: the first can land between readline printing the prompt and
+        # waiting for input, where it only sets CPython's signal flag. The hint must come back.
         for _ in range(3):
             child.sendcontrol("c")
             if child.expect([re.escape("(Ctrl-D or /quit to leave)"), pexpect.TIMEOUT], timeout=5) == 0:
