@@ -42,3 +42,22 @@ def test_lora_share_strips_exactly_the_stream_only_lora(monkeypatch):
     np.testing.assert_array_equal(np.array(main_after), np.array(main_before))
     assert not np.allclose(np.array(streams_after), np.array(streams_before))
     assert lora_share.strip_stream_lora(model) == 0
+
+
+def test_pow_exp_ab_prints_four_speeds_and_two_ratios(monkeypatch, capsys):
+    from mlx_specstream.models import fastmath
+
+    monkeypatch.syspath_prepend(str(PERF))
+    monkeypatch.setenv(fastmath.ENV, "1")  # the script sets it per generation; monkeypatch restores it
+    pow_exp = importlib.import_module("pow_exp")
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset.csv.gz"
+    if not data.exists():
+        pytest.skip(f"{data} is not here")
+    monkeypatch.setattr("sys.argv", ["pow_exp.py", "--data", str(data), "--num-samples", "2", "--rounds", "1",
+                                     "--max-tokens", "12"])
+    pow_exp.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |")]
+    cells = rows[0].strip("|").split("|")
+    assert len(cells) == 1 + 4 + 2
+    assert all(float(c) > 0 for c in cells[1:5])
+    assert all(c.strip().endswith("x") for c in cells[5:])

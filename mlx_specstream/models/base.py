@@ -16,6 +16,8 @@ from typing import Any, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import fastmath
+
 
 @dataclasses.dataclass
 class BaseModelArgs:
@@ -155,11 +157,12 @@ def attention(
 ) -> mx.array:
     """q ``[B, Hq, S, D]``, k/v ``[B, Hkv, S, D]`` -> ``[B, S, Hq * D]``.
 
-    Grouped-query attention is handled by the fused kernel (Hkv divides Hq).
+    Grouped-query attention (Hkv divides Hq) as in ``mx.fast.scaled_dot_product_attention``,
+    which runs unless exps go through ``power`` (:mod:`.fastmath`).
     """
     if cache is not None:
         k, v = cache.update_and_fetch(k, v)
-    out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=ctx.mask)
+    out = fastmath.scaled_dot_product_attention(q, k, v, scale, ctx.mask)
     b, h, s, d = out.shape
     return out.transpose(0, 2, 1, 3).reshape(b, s, h * d)
 
@@ -171,12 +174,12 @@ def split_heads(x: mx.array, n_heads: int) -> mx.array:
 
 
 ACTIVATIONS = {
-    "silu": nn.silu,
+    "silu": fastmath.silu,
     "gelu": nn.gelu,
-    "gelu_new": nn.gelu_approx,
-    "gelu_pytorch_tanh": nn.gelu_approx,
-    "gelu_fast": nn.gelu_approx,  # the same tanh formula, written differently
-    "quick_gelu": nn.gelu_fast_approx,
+    "gelu_new": fastmath.gelu_tanh,
+    "gelu_pytorch_tanh": fastmath.gelu_tanh,
+    "gelu_fast": fastmath.gelu_tanh,  # the same tanh formula, written differently
+    "quick_gelu": fastmath.quick_gelu,
     "relu": nn.relu,
 }
 
