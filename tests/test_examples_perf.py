@@ -61,3 +61,16 @@ def test_pow_exp_ab_prints_four_speeds_and_two_ratios(monkeypatch, capsys):
     assert len(cells) == 1 + 4 + 2
     assert all(float(c) > 0 for c in cells[1:5])
     assert all(c.strip().endswith("x") for c in cells[5:])
+
+
+def test_graph_ops_counts_the_compiled_steps_primitives(monkeypatch):
+    monkeypatch.syspath_prepend(str(PERF))
+    graph_ops = importlib.import_module("graph_ops")
+    step_cost = importlib.import_module("step_cost")
+    model = random_model(tiny_config("llama"), SpecStreamConfig(num_streams=2, num_msa_layers=1), seed=1)
+    ar = graph_ops.primitive_counts(step_cost.step_outputs(model, "ar", context=20))
+    tree = graph_ops.primitive_counts(step_cost.step_outputs(model, "1,1", context=20))
+    layers = len(model.base.layers)
+    assert ar["Matmul"] >= 7 * layers  # q, k, v, o, gate, up, down in every layer
+    assert ar["Compiled"] > 0  # elementwise runs were fused
+    assert sum(tree.values()) > sum(ar.values())  # streams, acceptance and drafting on top

@@ -52,10 +52,9 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def step_runner(model, tree: str, context: int = CONTEXT, compile: bool = True):
-    """``(run, tree nodes, tokens in the MSA layers)`` for one decoding step of ``tree`` ("ar" or
-    a tree spec) after ``context`` committed tokens: ``run()`` executes that step to completion
-    as the generator runs it, on the same inputs every time (a steady loop)."""
+def _prepared_step(model, tree: str, context: int, compile: bool):
+    """``(step function, its arguments, tree nodes, tokens in the MSA layers)`` for one decoding
+    step of ``tree`` ("ar" or a tree spec) after ``context`` committed tokens."""
     vocab = model.base.args.vocab_size
     if tree == "ar":
         kind, plan, tokens, nodes, new = "ar", AR_PLAN, mx.array([1], dtype=mx.int32), 1, 1
@@ -73,8 +72,21 @@ def step_runner(model, tree: str, context: int = CONTEXT, compile: bool = True):
     keys, values = [c.keys for c in cache], [c.values for c in cache]
     mx.eval(tokens, keys, values)
     fn = step_function(model, kind, plan, SamplingParams(), compile)
-    offset = mx.array(context, dtype=mx.int32)
-    return (lambda: mx.eval(fn(tokens, offset, keys, values))), nodes, new
+    return fn, (tokens, mx.array(context, dtype=mx.int32), keys, values), nodes, new
+
+
+def step_runner(model, tree: str, context: int = CONTEXT, compile: bool = True):
+    """``(run, tree nodes, tokens in the MSA layers)`` for one decoding step of ``tree`` ("ar" or
+    a tree spec) after ``context`` committed tokens: ``run()`` executes that step to completion
+    as the generator runs it, on the same inputs every time (a steady loop)."""
+    fn, step_args, nodes, new = _prepared_step(model, tree, context, compile)
+    return (lambda: mx.eval(fn(*step_args))), nodes, new
+
+
+def step_outputs(model, tree: str, context: int = CONTEXT, compile: bool = True) -> tuple:
+    """The (lazy, unevaluated) outputs of one such step: its graph, for inspection."""
+    fn, step_args, _, _ = _prepared_step(model, tree, context, compile)
+    return fn(*step_args)
 
 
 def step_costs(model, trees: list[str], repeats: int, compile: bool) -> list[tuple[str, int, int, float]]:
