@@ -42,13 +42,25 @@ def decode(model, prompt: mx.array, eos: set[int], max_tokens: int, **kwargs) ->
     return n, time.perf_counter() - start
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def generation_parser(description: str, num_samples: int, rounds: int) -> argparse.ArgumentParser:
+    """The options of the generation-timing scripts in this folder."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", help="model directory (default: the bundled demo)")
     ap.add_argument("--data", default="../shared/data/e2e/devset.csv.gz")
-    ap.add_argument("--num-samples", type=int, default=40)
+    ap.add_argument("--num-samples", type=int, default=num_samples)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    return ap
+
+
+def encoded_prompts(model, tokenizer, data: str, num_samples: int) -> list[mx.array]:
+    """The first ``num_samples`` prompts of ``data``, in the model's prompt template, as token ids."""
+    examples = load_bench_data(data, num_samples).examples
+    return [mx.array(tokenizer.encode(format_prompt(model, ex.prompt)), dtype=mx.int32) for ex in examples]
+
+
+def main() -> None:
+    ap = generation_parser(__doc__.split("\n\n")[0], num_samples=40, rounds=4)
     ap.add_argument("--per-round", action="store_true", help="tokens/s of each round, not cumulative")
     ap.add_argument("--settings", help="';'-separated subset of: " + "; ".join(SETTINGS) + " (default: all)")
     args = ap.parse_args()
@@ -61,8 +73,7 @@ def main() -> None:
         settings = {n: SETTINGS[n] for n in names}
     model, tokenizer = load(args.model)
     eos = set(tokenizer.eos_token_ids)
-    examples = load_bench_data(args.data, args.num_samples).examples
-    prompts = [mx.array(tokenizer.encode(format_prompt(model, ex.prompt)), dtype=mx.int32) for ex in examples]
+    prompts = encoded_prompts(model, tokenizer, args.data, args.num_samples)
     for kwargs in settings.values():  # compile every trace first
         for p in prompts[:5]:
             decode(model, p, eos, args.max_tokens, **kwargs)

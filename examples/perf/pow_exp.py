@@ -15,17 +15,14 @@ per setting (prefill excluded, each generation stops at EOS) and the SS/AR ratio
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import mlx.core as mx
 
-from pipeline import decode  # this folder's timing helper (the script's folder is on sys.path)
+from pipeline import decode, encoded_prompts, generation_parser  # this folder's helpers (its folder is on sys.path)
 
 from mlx_specstream import load
-from mlx_specstream.bench.data import load_bench_data
 from mlx_specstream.models.fastmath import ENV
-from mlx_specstream.prompting import format_prompt
 
 SETTINGS = {  # name: (exp via power, speculate)
     "AR, native exp": ("0", False),
@@ -36,19 +33,11 @@ SETTINGS = {  # name: (exp via power, speculate)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="model directory (default: the bundled demo)")
-    ap.add_argument("--data", default="../shared/data/e2e/devset.csv.gz")
-    ap.add_argument("--num-samples", type=int, default=60)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=2)
-    args = ap.parse_args()
+    args = generation_parser(__doc__.split("\n\n")[0], num_samples=60, rounds=2).parse_args()
     models = {flag: load(args.model) for flag in ("0", "1")}
     tokenizer = models["0"][1]
     eos = set(tokenizer.eos_token_ids)
-    examples = load_bench_data(args.data, args.num_samples).examples
-    prompts = [mx.array(tokenizer.encode(format_prompt(models["0"][0], ex.prompt)), dtype=mx.int32)
-               for ex in examples]
+    prompts = encoded_prompts(models["0"][0], tokenizer, args.data, args.num_samples)
 
     def run(name: str, prompt: mx.array) -> tuple[int, float]:
         flag, speculate = SETTINGS[name]
