@@ -15,7 +15,6 @@ speculative steps alike, so both compute the same function); ``SPECSTREAM_POW_EX
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import platform
@@ -29,9 +28,11 @@ LOG2E = 1.4426950408889634
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
-@functools.lru_cache(maxsize=None)
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
 def _host_wants_pow() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64") and mx.default_device() == mx.cpu
+    return _X86 and mx.default_device() == mx.cpu  # asked each time: the default device can change
 
 
 def pow_exp_enabled() -> bool:
