@@ -93,7 +93,7 @@ def collect(size: int = 1024, compare: bool = False) -> dict[str, Any]:
         "matmul": {"n": size, "dtype": "float32", "gflops": round(blas.matmul_gflops(size), 1)},
         "exp": {
             "via_power": fastmath.pow_exp_enabled(),
-            "override": os.environ.get(fastmath.ENV) if os.environ.get(fastmath.ENV) in ("0", "1") else None,
+            "override": fastmath.override(),
         },
     }
     if compare and info.system_openblas:

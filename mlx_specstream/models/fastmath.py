@@ -35,24 +35,30 @@ def _host_wants_pow() -> bool:
     return _X86 and mx.default_device() == mx.cpu  # asked each time: the default device can change
 
 
+def override() -> Optional[str]:
+    """``"0"`` or ``"1"`` when ``SPECSTREAM_POW_EXP`` decides, else None (the host does)."""
+    value = os.environ.get(ENV)
+    return value if value in ("0", "1") else None
+
+
 def pow_exp_enabled() -> bool:
     """True when exps are computed through ``power`` (see the module docstring)."""
-    value = os.environ.get(ENV)
-    if value in ("0", "1"):
-        return value == "1"
-    return _host_wants_pow()
+    value = override()
+    return value == "1" if value is not None else _host_wants_pow()
+
+
+def _pow_exp(x: mx.array) -> mx.array:
+    return mx.power(mx.array(2.0, x.dtype), x * LOG2E)
 
 
 def exp(x: mx.array) -> mx.array:
-    if not pow_exp_enabled():
-        return mx.exp(x)
-    return mx.power(mx.array(2.0, x.dtype), x * LOG2E)
+    return _pow_exp(x) if pow_exp_enabled() else mx.exp(x)
 
 
 def _sigmoid_denominator(z: mx.array) -> mx.array:
     """``1 + exp(-z)``, its exponent capped at 80 (sigmoid(-80) ~ 2e-35): never infinite, so
     ``x / (1 + exp(-z))`` and its gradient stay finite for very negative ``z``."""
-    return 1.0 + exp(mx.minimum(-z, 80.0))
+    return 1.0 + _pow_exp(mx.minimum(-z, 80.0))
 
 
 def sigmoid(x: mx.array) -> mx.array:
@@ -80,11 +86,13 @@ def quick_gelu(x: mx.array) -> mx.array:
     return x / _sigmoid_denominator(1.702 * x)
 
 
-def softmax(x: mx.array, axis: int = -1) -> mx.array:
-    if not pow_exp_enabled():
-        return mx.softmax(x, axis=axis)
-    e = exp(x - mx.max(x, axis=axis, keepdims=True))
+def _pow_softmax(x: mx.array, axis: int) -> mx.array:
+    e = _pow_exp(x - mx.max(x, axis=axis, keepdims=True))
     return e / mx.sum(e, axis=axis, keepdims=True)
+
+
+def softmax(x: mx.array, axis: int = -1) -> mx.array:
+    return _pow_softmax(x, axis) if pow_exp_enabled() else mx.softmax(x, axis=axis)
 
 
 def scaled_dot_product_attention(
@@ -106,5 +114,5 @@ def scaled_dot_product_attention(
         scores = scores.reshape(b, hkv, rep, s, n_keys)
         scores = mx.where(mask, scores, mx.array(-mx.inf, scores.dtype))
         scores = scores.reshape(b, hkv, rep * s, n_keys)
-    out = softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype) @ v
+    out = _pow_softmax(scores.astype(mx.float32), axis=-1).astype(v.dtype) @ v
     return out.reshape(b, hq, s, v.shape[-1])
