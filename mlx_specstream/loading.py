@@ -149,8 +149,14 @@ def _layers_prefix(model: SpecStreamModel) -> str:
     raise AssertionError("decoder layers not found in the model tree")
 
 
-def load_model(path: PathLike, dtype: Optional[str] = None) -> tuple[SpecStreamModel, dict[str, Any]]:
-    """Build the model of a directory and load its weights; returns (model, config)."""
+def load_model(
+    path: PathLike, dtype: Optional[str] = None, fuse: bool = True
+) -> tuple[SpecStreamModel, dict[str, Any]]:
+    """Build the model of a directory and load its weights; returns (model, config).
+
+    ``fuse``: compute q/k/v and gate/up with one matmul each (:mod:`.models.fused`; no extra
+    memory, the same parameters).
+    """
     path = Path(path)
     config = read_config(path)
     base = build_model(config)
@@ -176,6 +182,8 @@ def load_model(path: PathLike, dtype: Optional[str] = None) -> tuple[SpecStreamM
     if dtype is not None:
         cast_model(model, dtype)
     mx.eval(model.parameters())
+    if fuse:
+        model.fuse_projections()
     model.eval()
     model.config = config  # plain dict (prompt template, ids); not a parameter
     return model, config
@@ -217,13 +225,16 @@ def load_tokenizer(path: PathLike, config: Optional[dict[str, Any]] = None):
     return load_tok(path, eos_token_ids=eos)
 
 
-def load(path: Optional[PathLike] = None, dtype: Optional[str] = None):
-    """Load ``(model, tokenizer)`` from a model directory (the bundled demo model by default)."""
+def load(path: Optional[PathLike] = None, dtype: Optional[str] = None, fuse: bool = True):
+    """Load ``(model, tokenizer)`` from a model directory (the bundled demo model by default).
+
+    ``fuse``: as for :func:`load_model`.
+    """
     from .blas import warn_if_slow_blas
 
     warn_if_slow_blas()
     path = resolve_model_path(path)
-    model, config = load_model(path, dtype=dtype)
+    model, config = load_model(path, dtype=dtype, fuse=fuse)
     tokenizer = load_tokenizer(path, config)
     # Everything alive now (tokenizer libraries, often torch) lives as long as the model; moving
     # it out of the collector's view keeps full collections cheap during generation (they took

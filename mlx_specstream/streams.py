@@ -19,6 +19,7 @@ import numpy as np
 
 from .cache import reserve_all
 from .config import SpecStreamConfig
+from .models import fused
 from .models.base import Context
 from .tree import Tree, ancestor_mask, causal_mask, path_matrix, stream_layout
 
@@ -239,6 +240,26 @@ class SpecStreamModel(nn.Module):
                     f"stream_lora.target_modules {list(lora.target_modules)} match no linear layer "
                     f"in decoder layer {i}; use Hugging Face names such as 'q_proj'."
                 )
+
+    def fuse_projections(self) -> int:
+        """Compute q/k/v and gate/up with one matmul each where they are plain float linears
+        (:mod:`.models.fused`; for inference, once the weights are final). Returns the number
+        of fused groups."""
+        return fused.fuse_projections(self.base.layers)
+
+    def unfuse_projections(self) -> None:
+        fused.unfuse_projections(self.base.layers)
+
+    def update(self, parameters: dict, strict: bool = True) -> "SpecStreamModel":
+        """``nn.Module.update`` (and so ``load_weights``), after dropping fused projections:
+        a replaced weight must be the one computed with."""
+        self.unfuse_projections()
+        return super().update(parameters, strict)
+
+    @property
+    def fusion_state(self) -> tuple[bool, ...]:
+        """Which fused projections are in use (compiled steps are traced per state)."""
+        return fused.fusion_state(self.base.layers)
 
     def stream_lora_modules(self) -> dict[str, StreamLoRALinear]:
         """``"{layer}.{path}" -> module`` for every stream-only LoRA linear."""

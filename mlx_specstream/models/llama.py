@@ -14,6 +14,7 @@ import mlx.nn as nn
 from .base import (
     BaseModelArgs, Context, RotaryCausalLM, RotaryTables, activation, attention, proj, split_heads,
 )
+from .fused import fused
 
 
 @dataclasses.dataclass
@@ -81,9 +82,12 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, ctx: Context, cache, rope: RotaryTables) -> mx.array:
-        q = split_heads(proj(self.q_proj, x, ctx), self.n_heads)
-        k = split_heads(proj(self.k_proj, x, ctx), self.n_kv_heads)
-        v = split_heads(proj(self.v_proj, x, ctx), self.n_kv_heads)
+        qkv = fused(self, "self_attn")
+        if qkv is not None:
+            q, k, v = qkv(x)
+        else:
+            q, k, v = (proj(p, x, ctx) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply(q, ctx.rope), rope.apply(k, ctx.rope)
@@ -100,8 +104,9 @@ class MLP(nn.Module):
         self.act = activation(args.hidden_act)
 
     def __call__(self, x: mx.array, ctx: Context) -> mx.array:
-        gate = self.act(proj(self.gate_proj, x, ctx)) * proj(self.up_proj, x, ctx)
-        return proj(self.down_proj, gate, ctx)
+        gate_up = fused(self, "mlp")
+        gate, up = gate_up(x) if gate_up is not None else (proj(self.gate_proj, x, ctx), proj(self.up_proj, x, ctx))
+        return proj(self.down_proj, self.act(gate) * up, ctx)
 
 
 class DecoderLayer(nn.Module):
