@@ -63,6 +63,21 @@ def test_pow_exp_ab_prints_four_speeds_and_two_ratios(monkeypatch, capsys):
     assert all(c.strip().endswith("x") for c in cells[5:])
 
 
+def test_fused_ab_prints_four_speeds_two_ratios_and_no_differing_outputs(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(PERF))
+    fused_ab = importlib.import_module("fused")
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset.csv.gz"
+    if not data.exists():
+        pytest.skip(f"{data} is not here")
+    monkeypatch.setattr("sys.argv", ["fused.py", "--data", str(data), "--num-samples", "2", "--rounds", "1",
+                                     "--max-tokens", "12"])
+    fused_ab.main()
+    out = capsys.readouterr().out
+    cells = [line for line in out.splitlines() if line.startswith("| 1 |")][0].strip("|").split("|")
+    assert len(cells) == 1 + 4 + 2
+    assert all(float(c) > 0 for c in cells[1:5])
+    assert "were not all the same: 0 of 2" in out
+
 def test_graph_ops_counts_the_compiled_steps_primitives(monkeypatch):
     monkeypatch.syspath_prepend(str(PERF))
     graph_ops = importlib.import_module("graph_ops")

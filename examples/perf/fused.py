@@ -13,6 +13,8 @@ with and without fusion. Outputs are checked to be the same tokens in all four s
 
 from __future__ import annotations
 
+import time
+
 import mlx.core as mx
 
 from pipeline import encoded_prompts, generation_parser  # this folder's helpers (its folder is on sys.path)
@@ -29,9 +31,8 @@ SETTINGS = {  # name: (fused, speculate)
 
 
 def generation(model, prompt: mx.array, eos: set[int], max_tokens: int, speculate: bool) -> tuple[list[int], float]:
-    """(tokens up to the first EOS, decode seconds) of one greedy generation, prefill excluded."""
-    import time
-
+    """(tokens up to the first EOS or ``max_tokens``, decode seconds) of one greedy generation,
+    prefill excluded."""
     tokens, start = [], None
     for step in generate_step(model, prompt, max_tokens=max_tokens, speculate=speculate):
         if step.prefill:
@@ -41,6 +42,7 @@ def generation(model, prompt: mx.array, eos: set[int], max_tokens: int, speculat
         if eos & set(step.tokens):
             break
     elapsed = time.perf_counter() - start
+    tokens = tokens[: max_tokens - 1]  # a last step may overshoot; the prefill made the first token
     end = next((i for i, t in enumerate(tokens) if t in eos), len(tokens) - 1)
     return tokens[: end + 1], elapsed
 
