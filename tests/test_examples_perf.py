@@ -14,6 +14,22 @@ from mlx_specstream.testing import random_model, tiny_config
 PERF = Path(__file__).resolve().parents[1] / "examples" / "perf"
 
 
+def _run_ab_script(monkeypatch, capsys, name: str) -> str:
+    """Run an A/B script of examples/perf on 2 dev MRs, 1 round, 12 tokens; its stdout."""
+    module = importlib.import_module(name)
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset.csv.gz"
+    if not data.exists():
+        pytest.skip(f"{data} is not here")
+    monkeypatch.setattr("sys.argv", [f"{name}.py", "--data", str(data), "--num-samples", "2", "--rounds", "1",
+                                     "--max-tokens", "12"])
+    module.main()
+    return capsys.readouterr().out
+
+
+def _first_round(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("| 1 |")][0].strip("|").split("|")
+
+
 def test_profile_step_runs_ar_and_tree_steps_and_refuses_too_deep_trees(monkeypatch):
     monkeypatch.syspath_prepend(str(PERF))  # the scripts import each other as they do when run
     profile_step = importlib.import_module("profile_step")
@@ -49,15 +65,8 @@ def test_pow_exp_ab_prints_four_speeds_and_two_ratios(monkeypatch, capsys):
 
     monkeypatch.syspath_prepend(str(PERF))
     monkeypatch.setenv(fastmath.ENV, "1")  # the script sets it per generation; monkeypatch restores it
-    pow_exp = importlib.import_module("pow_exp")
-    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset.csv.gz"
-    if not data.exists():
-        pytest.skip(f"{data} is not here")
-    monkeypatch.setattr("sys.argv", ["pow_exp.py", "--data", str(data), "--num-samples", "2", "--rounds", "1",
-                                     "--max-tokens", "12"])
-    pow_exp.main()
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 1 |")]
-    cells = rows[0].strip("|").split("|")
+    out = _run_ab_script(monkeypatch, capsys, "pow_exp")
+    cells = _first_round(out)
     assert len(cells) == 1 + 4 + 2
     assert all(float(c) > 0 for c in cells[1:5])
     assert all(c.strip().endswith("x") for c in cells[5:])
@@ -65,15 +74,8 @@ def test_pow_exp_ab_prints_four_speeds_and_two_ratios(monkeypatch, capsys):
 
 def test_fused_ab_prints_four_speeds_two_ratios_and_no_differing_outputs(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(PERF))
-    fused_ab = importlib.import_module("fused")
-    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset.csv.gz"
-    if not data.exists():
-        pytest.skip(f"{data} is not here")
-    monkeypatch.setattr("sys.argv", ["fused.py", "--data", str(data), "--num-samples", "2", "--rounds", "1",
-                                     "--max-tokens", "12"])
-    fused_ab.main()
-    out = capsys.readouterr().out
-    cells = [line for line in out.splitlines() if line.startswith("| 1 |")][0].strip("|").split("|")
+    out = _run_ab_script(monkeypatch, capsys, "fused")
+    cells = _first_round(out)
     assert len(cells) == 1 + 4 + 2
     assert all(float(c) > 0 for c in cells[1:5])
     assert "were not all the same: 0 of 2" in out
