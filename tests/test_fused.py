@@ -12,7 +12,7 @@ from mlx_specstream import compiled
 from mlx_specstream.config import SpecStreamConfig, StreamLoRAConfig
 from mlx_specstream.loading import load_model, save_model
 from mlx_specstream.models.fused import fused
-from mlx_specstream.testing import random_model, tiny_config, write_tiny_model_dir
+from mlx_specstream.testing import FAMILIES, random_model, tiny_config, write_tiny_model_dir
 
 SPEC = SpecStreamConfig(num_streams=3, num_msa_layers=2)
 PROMPT = [4, 8, 15, 16, 23, 42, 7]
@@ -22,13 +22,14 @@ def _params(model) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])  # qwen2: q/k/v biases; qwen3: q/k norms
+@pytest.mark.parametrize("family", FAMILIES)  # qwen2/phi: q/k/v biases; qwen3: q/k norms; phi, opt: no gate/up
 def test_fused_model_computes_the_same_logits_with_the_same_parameters(family):
     ref = random_model(tiny_config(family), SPEC, seed=5)
     model = random_model(tiny_config(family), SPEC, seed=5)
     before = _params(model)
-    assert model.fuse_projections() == 2 * model.num_layers
-    assert all(model.fusion_state) and len(model.fusion_state) == 2 * model.num_layers
+    groups = (2 if "gate_proj" in model.base.layers[0].mlp else 1) if "mlp" in model.base.layers[0] else 1
+    assert model.fuse_projections() == groups * model.num_layers
+    assert all(model.fusion_state) and len(model.fusion_state) == groups * model.num_layers
     after = _params(model)
     assert before.keys() == after.keys()
     for k in before:

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import fastmath
+from .fused import fused
 
 
 @dataclasses.dataclass
@@ -54,6 +55,15 @@ def proj(layer: nn.Module, x: mx.array, ctx: Context) -> mx.array:
     if getattr(layer, "stream_only", False):
         return layer(x, ctx.stream_rows)
     return layer(x)
+
+
+def qkv_projections(attn: nn.Module, x: mx.array, ctx: Context) -> tuple[mx.array, mx.array, mx.array]:
+    """q, k, v ``[B, S, H * D]`` of an attention module with ``q_proj``/``k_proj``/``v_proj``:
+    one matmul when they are fused (:mod:`.fused`), three otherwise."""
+    qkv = fused(attn, "self_attn")
+    if qkv is not None:
+        return tuple(qkv(x))
+    return tuple(proj(p, x, ctx) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
 
 
 class RotaryTables:

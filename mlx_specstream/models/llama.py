@@ -12,7 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import (
-    BaseModelArgs, Context, RotaryCausalLM, RotaryTables, activation, attention, proj, split_heads,
+    BaseModelArgs, Context, RotaryCausalLM, RotaryTables, activation, attention, proj, qkv_projections,
+    split_heads,
 )
 from .fused import fused
 
@@ -82,11 +83,7 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(self.head_dim, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, ctx: Context, cache, rope: RotaryTables) -> mx.array:
-        qkv = fused(self, "self_attn")
-        if qkv is not None:
-            q, k, v = qkv(x)
-        else:
-            q, k, v = (proj(p, x, ctx) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = qkv_projections(self, x, ctx)
         q, k, v = split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)

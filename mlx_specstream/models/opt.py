@@ -11,7 +11,7 @@ import dataclasses
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, Context, activation, attention, proj, split_heads
+from .base import BaseModelArgs, Context, activation, attention, proj, qkv_projections, split_heads
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
 
@@ -52,9 +52,7 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(h, h, bias=bias)
 
     def __call__(self, x: mx.array, ctx: Context, cache) -> mx.array:
-        q = split_heads(proj(self.q_proj, x, ctx), self.n_heads)
-        k = split_heads(proj(self.k_proj, x, ctx), self.n_heads)
-        v = split_heads(proj(self.v_proj, x, ctx), self.n_heads)
+        q, k, v = (split_heads(t, self.n_heads) for t in qkv_projections(self, x, ctx))
         return proj(self.out_proj, attention(q, k, v, ctx, cache, self.scale), ctx)
 
 

@@ -9,7 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import (
-    BaseModelArgs, Context, RotaryCausalLM, RotaryTables, activation, attention, proj, split_heads,
+    BaseModelArgs, Context, RotaryCausalLM, RotaryTables, activation, attention, proj, qkv_projections,
+    split_heads,
 )
 
 
@@ -63,9 +64,8 @@ class Attention(nn.Module):
         self.dense = nn.Linear(self.n_heads * hd, h, bias=True)
 
     def __call__(self, x: mx.array, ctx: Context, cache, rope: RotaryTables) -> mx.array:
-        q = split_heads(proj(self.q_proj, x, ctx), self.n_heads)
-        k = split_heads(proj(self.k_proj, x, ctx), self.n_kv_heads)
-        v = split_heads(proj(self.v_proj, x, ctx), self.n_kv_heads)
+        q, k, v = qkv_projections(self, x, ctx)
+        q, k, v = split_heads(q, self.n_heads), split_heads(k, self.n_kv_heads), split_heads(v, self.n_kv_heads)
         q, k = rope.apply(q, ctx.rope), rope.apply(k, ctx.rope)
         return proj(self.dense, attention(q, k, v, ctx, cache, self.scale), ctx)
 
