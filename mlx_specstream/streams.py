@@ -245,10 +245,13 @@ class SpecStreamModel(nn.Module):
         """Compute q/k/v and gate/up with one matmul each where they are plain float linears
         (:mod:`.models.fused`; for inference, once the weights are final). Returns the number
         of fused groups."""
-        return fused.fuse_projections(self.base.layers)
+        made = fused.fuse_projections(self.base.layers)
+        self.__dict__["_fused_projections"] = tuple(made)  # not a parameter
+        return len(made)
 
     def unfuse_projections(self) -> None:
         fused.unfuse_projections(self.base.layers)
+        self.__dict__["_fused_projections"] = ()
 
     def update(self, parameters: dict, strict: bool = True) -> "SpecStreamModel":
         """``nn.Module.update`` (and so ``load_weights``), after dropping fused projections:
@@ -258,8 +261,9 @@ class SpecStreamModel(nn.Module):
 
     @property
     def fusion_state(self) -> tuple[bool, ...]:
-        """Which fused projections are in use (compiled steps are traced per state)."""
-        return fused.fusion_state(self.base.layers)
+        """Which fused projections are in use, in layer order (compiled steps are traced per
+        state; read every step, so it only asks each projection whether it is current)."""
+        return tuple(p.current() for p in self.__dict__.get("_fused_projections", ()))
 
     def stream_lora_modules(self) -> dict[str, StreamLoRALinear]:
         """``"{layer}.{path}" -> module`` for every stream-only LoRA linear."""

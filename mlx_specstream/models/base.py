@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from . import fastmath
-from .fused import fused
+from .fused import projections
 
 
 @dataclasses.dataclass
@@ -57,13 +57,10 @@ def proj(layer: nn.Module, x: mx.array, ctx: Context) -> mx.array:
     return layer(x)
 
 
-def qkv_projections(attn: nn.Module, x: mx.array, ctx: Context) -> tuple[mx.array, mx.array, mx.array]:
+def qkv_projections(attn: nn.Module, x: mx.array, ctx: Context) -> Sequence[mx.array]:
     """q, k, v ``[B, S, H * D]`` of an attention module with ``q_proj``/``k_proj``/``v_proj``:
     one matmul when they are fused (:mod:`.fused`), three otherwise."""
-    qkv = fused(attn, "self_attn")
-    if qkv is not None:
-        return tuple(qkv(x))
-    return tuple(proj(p, x, ctx) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    return projections(attn, "self_attn", x, lambda layer, h: proj(layer, h, ctx))
 
 
 class RotaryTables:

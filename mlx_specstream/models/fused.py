@@ -4,22 +4,23 @@ Why: a small model's decoding step on a CPU is dominated by the fixed cost of ea
 (a task handed to MLX's worker thread, a BLAS call and its set-up), not by its arithmetic.
 Computing q, k and v with one matmul over their concatenated weights, and gate and up with
 another, removes three matmuls per decoder layer. Measured on the E2E demo (2-core x86-64,
-OpenBLAS; BENCHMARKS.md, ``examples/perf/fused.py``): autoregressive steps ~20% faster,
-tree steps 2-3% (their cost is the wider matmuls themselves).
+OpenBLAS; BENCHMARKS.md, ``examples/perf/fused.py``): autoregressive decoding 25% faster,
+speculative decoding 4% (a tree step's cost is its wider matmuls themselves).
 
 The fused weight is stored transposed, ``[in, sum of outs]`` (a plain ``x @ W`` call, the
 faster BLAS layout here), and the separate layers' weights become views into it, so fusing
 costs no memory. Their parameters keep their names and values: saving, quantizing,
 adapters and checks see the usual layers. A fused projection is used only while its owner
 still holds the layer modules it was built from (quantizing or wrapping a layer afterwards
-falls back to the separate matmuls; :func:`fusion_state` lets compiled steps notice).
+falls back to the separate matmuls; compiled steps key on which projections are current,
+:attr:`~..streams.SpecStreamModel.fusion_state`).
 Replacing weights goes through :meth:`~..streams.SpecStreamModel.update`, which unfuses
 first. (Array identity cannot tell: a compiled call re-wraps every array of the model state.)
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -55,7 +56,8 @@ class FusedProjection:
 
     def current(self) -> bool:
         """Whether the owner still holds the layer modules this projection was built from."""
-        return all(self.owner.get(name) is layer for name, layer in zip(self.names, self.layers))
+        get = self.owner.get
+        return all(get(name) is layer for name, layer in zip(self.names, self.layers))
 
     def __call__(self, x: mx.array) -> list[mx.array]:
         y = x @ self.weight_t if self.bias is None else mx.addmm(self.bias, x, self.weight_t)
@@ -64,7 +66,7 @@ class FusedProjection:
 
 def fusable(owner: nn.Module, names: Sequence[str]) -> bool:
     """Plain float linears of one dtype, all with or all without a bias."""
-    layers = [owner.get(n) if isinstance(owner, dict) else None for n in names]
+    layers = [owner.get(n) for n in names]
     if any(type(layer) is not nn.Linear for layer in layers):
         return False
     dtypes = {layer.weight.dtype for layer in layers}
@@ -73,36 +75,39 @@ def fusable(owner: nn.Module, names: Sequence[str]) -> bool:
     return len(dtypes) == 1 and len(biases) == 1 and len(widths) == 1 and mx.issubdtype(dtypes.pop(), mx.floating)
 
 
-def fuse_projections(layers: Sequence[nn.Module]) -> int:
-    """Fuse q/k/v and gate/up of every decoder layer that has them as plain linears; returns
-    how many groups were fused. Call once the weights are final (after loading, casting)."""
-    count = 0
+def _owners(layers: Sequence[nn.Module]) -> Iterator[tuple[str, nn.Module]]:
+    """``(group, owner)`` for every group module (``self_attn``, ``mlp``) the decoder layers have."""
     for layer in layers:
-        for owner_name, names in GROUPS.items():
-            owner = layer.get(owner_name) if isinstance(layer, dict) else None
-            if owner is None or not fusable(owner, names):
-                continue
-            table = owner.__dict__.setdefault(ATTR, {})
-            table[owner_name] = FusedProjection(owner, names)
-            count += 1
-    return count
+        for group in GROUPS:
+            owner = layer.get(group)
+            if owner is not None:
+                yield group, owner
+
+
+def fuse_projections(layers: Sequence[nn.Module]) -> list[FusedProjection]:
+    """Fuse q/k/v and gate/up of every decoder layer that has them as plain linears; returns
+    the fused projections. Call once the weights are final (after loading, casting)."""
+    made = []
+    for group, owner in _owners(layers):
+        if fusable(owner, GROUPS[group]):
+            made.append(FusedProjection(owner, GROUPS[group]))
+            owner.__dict__.setdefault(ATTR, {})[group] = made[-1]
+    return made
 
 
 def unfuse_projections(layers: Sequence[nn.Module]) -> None:
     """Drop every fused projection; the layers get contiguous copies of their weights (views
     into a transposed buffer would be copied again by every matmul)."""
-    for layer in layers:
-        for owner_name in GROUPS:
-            owner = layer.get(owner_name) if isinstance(layer, dict) else None
-            proj = owner.__dict__.pop(ATTR, {}).get(owner_name) if owner is not None else None
-            if proj is None:
-                continue
-            for name, module in zip(proj.names, proj.layers):
-                if owner.get(name) is module:
-                    module.weight = mx.contiguous(module.weight)
-                    if "bias" in module:
-                        module.bias = mx.contiguous(module.bias)
-                    mx.eval(module.parameters())
+    for group, owner in _owners(layers):
+        proj = owner.__dict__.pop(ATTR, {}).get(group)
+        if proj is None:
+            continue
+        for name, module in zip(proj.names, proj.layers):
+            if owner.get(name) is module:
+                module.weight = mx.contiguous(module.weight)
+                if "bias" in module:
+                    module.bias = mx.contiguous(module.bias)
+                mx.eval(module.parameters())
 
 
 def fused(owner: nn.Module, group: str) -> Optional[FusedProjection]:
@@ -111,13 +116,10 @@ def fused(owner: nn.Module, group: str) -> Optional[FusedProjection]:
     return proj if proj is not None and proj.current() else None
 
 
-def fusion_state(layers: Sequence[nn.Module]) -> tuple[bool, ...]:
-    """Which fused projections are in use, layer by layer: a compiled step traced with one
-    state must not serve another."""
-    out = []
-    for layer in layers:
-        for owner_name in GROUPS:
-            owner = layer.get(owner_name) if isinstance(layer, dict) else None
-            if owner is not None and ATTR in owner.__dict__:
-                out.append(fused(owner, owner_name) is not None)
-    return tuple(out)
+def projections(owner: nn.Module, group: str, x: mx.array, separate: Callable) -> Sequence[mx.array]:
+    """The outputs of ``group``'s linears (``GROUPS[group]``, in that order) on ``x``: one matmul
+    when they are fused, else ``separate(layer, x)`` for each."""
+    proj = fused(owner, group)
+    if proj is not None:
+        return proj(x)
+    return [separate(owner[name], x) for name in GROUPS[group]]

@@ -15,7 +15,7 @@ from .base import (
     BaseModelArgs, Context, RotaryCausalLM, RotaryTables, activation, attention, proj, qkv_projections,
     split_heads,
 )
-from .fused import fused
+from .fused import projections
 
 
 @dataclasses.dataclass
@@ -101,8 +101,7 @@ class MLP(nn.Module):
         self.act = activation(args.hidden_act)
 
     def __call__(self, x: mx.array, ctx: Context) -> mx.array:
-        gate_up = fused(self, "mlp")
-        gate, up = gate_up(x) if gate_up is not None else (proj(self.gate_proj, x, ctx), proj(self.up_proj, x, ctx))
+        gate, up = projections(self, "mlp", x, lambda layer, h: proj(layer, h, ctx))
         return proj(self.down_proj, self.act(gate) * up, ctx)
 
 
