@@ -20,6 +20,7 @@ first. (Array identity cannot tell: a compiled call re-wraps every array of the 
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
@@ -36,21 +37,15 @@ class FusedProjection:
     def __init__(self, owner: nn.Module, names: Sequence[str]):
         layers = [getattr(owner, n) for n in names]
         self.owner, self.names = owner, tuple(names)
-        self.splits = []
-        total = 0
-        for layer in layers[:-1]:
-            total += layer.weight.shape[0]
-            self.splits.append(total)
+        ends = list(itertools.accumulate(layer.weight.shape[0] for layer in layers))
+        self.splits = ends[:-1]  # where each layer's outputs start, after the first
         self.weight_t = mx.contiguous(mx.concatenate([layer.weight for layer in layers], axis=0).T)
         has_bias = "bias" in layers[0]
         self.bias = mx.concatenate([layer.bias for layer in layers]) if has_bias else None
-        start = 0
-        for layer in layers:  # the layers' own weights become views into the fused one
-            end = start + layer.weight.shape[0]
+        for layer, start, end in zip(layers, [0] + self.splits, ends):  # views into the fused buffer
             layer.weight = self.weight_t[:, start:end].T
             if has_bias:
                 layer.bias = self.bias[start:end]
-            start = end
         mx.eval(self.weight_t, [layer.parameters() for layer in layers])
         self.layers = layers
 
