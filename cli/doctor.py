@@ -84,7 +84,7 @@ def collect(size: int = 1024, compare: bool = False) -> dict[str, Any]:
         "blas": {
             "kind": info.kind,
             "library": info.provider,
-            "openblas_preloaded": info.preloaded,
+            "preloaded": info.preloaded,  # a BLAS in LD_PRELOAD (OpenBLAS, BLIS, MKL, ...)
             "preloaded_by": "specstream" if info.via_reexec else ("LD_PRELOAD" if info.preloaded else None),
             "system_openblas": info.system_openblas,
             "mlx_reference_blas": info.mlx_reference_blas,

@@ -11,6 +11,9 @@ The preload has to be in the environment before the process starts, so:
   (:func:`maybe_reexec_with_openblas`; opt out with ``SPECSTREAM_NO_OPENBLAS=1``);
 * library users get one warning with the exact command to run (:func:`warn_if_slow_blas`).
 
+A BLAS the user preloads themselves (OpenBLAS, BLIS, MKL, ...) is left alone: on some hosts
+BLIS runs MLX's 1-row products faster than OpenBLAS (BENCHMARKS.md, "Which BLAS").
+
 Nothing here imports MLX at module import time: the re-exec check runs before MLX is loaded.
 """
 
@@ -57,15 +60,15 @@ class BlasInfo:
     """What this process's BLAS looks like (see :func:`blas_info`)."""
 
     provider: Optional[str]  # file that provides cblas_sgemm in this process (None: not loaded yet)
-    kind: str  # "openblas" | "reference" | "accelerate" | "mkl" | "other" | "unknown"
-    preloaded: bool  # an OpenBLAS is in this process's LD_PRELOAD
+    kind: str  # "openblas" | "blis" | "mkl" | "accelerate" | "reference" | "other" | "unknown"
+    preloaded: bool  # a BLAS library is in this process's LD_PRELOAD
     via_reexec: bool  # ... put there by the specstream command's re-exec
     system_openblas: Optional[str]  # a system OpenBLAS that could be preloaded
     mlx_reference_blas: Optional[str]  # the reference BLAS bundled with the MLX CPU wheel
 
     @property
     def fast(self) -> bool:
-        return self.kind in ("openblas", "accelerate", "mkl")
+        return self.kind in ("openblas", "blis", "accelerate", "mkl")
 
 
 def find_system_openblas() -> Optional[str]:
@@ -99,6 +102,8 @@ def _classify(path: Optional[str]) -> str:
         return "accelerate"
     if "mkl" in name:
         return "mkl"
+    if "blis" in path.lower():  # Debian's BLIS: .../blis-pthread/libblas.so.3, or libblis.so.4
+        return "blis"
     if name.startswith("libblas") or name.startswith("libcblas"):
         return "reference"
     return "other"
@@ -141,8 +146,20 @@ def _symbol_provider(library: Optional[str], symbol: str = "cblas_sgemm") -> Opt
     return None
 
 
-def _preloaded_openblas() -> bool:
-    return any("openblas" in p.lower() for p in os.environ.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p)
+# Substrings of a preloaded library's path that mark it as a BLAS the user chose (OpenBLAS,
+# BLIS, MKL, FlexiBLAS, any libblas / libcblas): the re-exec leaves such a process alone.
+_BLAS_MARKERS = ("openblas", "blis", "mkl", "flexiblas", "libblas", "libcblas")
+
+
+def _preloaded_blas(environ: Optional[dict[str, str]] = None) -> bool:
+    """Whether ``LD_PRELOAD`` (of ``environ``, default this process's) names a BLAS library
+    (judged by the file's name and its folder's: ``.../blis-pthread/libblas.so.3``)."""
+    preload = (os.environ if environ is None else environ).get("LD_PRELOAD", "")
+    for path in preload.replace(" ", ":").split(":"):
+        tail = "/".join(Path(path).parts[-2:]).lower()
+        if path and any(marker in tail for marker in _BLAS_MARKERS):
+            return True
+    return False
 
 
 def blas_info(load_mlx: bool = True) -> BlasInfo:
@@ -159,7 +176,7 @@ def blas_info(load_mlx: bool = True) -> BlasInfo:
     return BlasInfo(
         provider=provider,
         kind=kind,
-        preloaded=_preloaded_openblas() or os.environ.get(_REEXEC_ENV) == "1",
+        preloaded=_preloaded_blas() or os.environ.get(_REEXEC_ENV) == "1",
         via_reexec=os.environ.get(_REEXEC_ENV) == "1",
         system_openblas=find_system_openblas() if sys.platform.startswith("linux") else None,
         mlx_reference_blas=mlx_reference_blas(),
@@ -210,7 +227,7 @@ def _should_reexec(environ: dict[str, str], platform: str) -> Optional[str]:
         return None
     if environ.get(OPT_OUT_ENV, "") not in ("", "0") or environ.get(_REEXEC_ENV):
         return None
-    if any("openblas" in p.lower() for p in environ.get("LD_PRELOAD", "").replace(" ", ":").split(":")):
+    if _preloaded_blas(environ):  # the user chose a BLAS (OpenBLAS, BLIS, MKL, ...): keep it
         return None
     if mlx_reference_blas() is None:  # not the reference-BLAS CPU wheel: nothing to gain
         return None

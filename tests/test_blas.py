@@ -29,6 +29,9 @@ def test_classify():
     assert blas._classify("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblasp-r0.3.21.so") == "openblas"
     assert blas._classify("/site/mlx_cpu.libs/libblas-bd8a282c.so.3.10.0") == "reference"
     assert blas._classify("/opt/intel/libmkl_rt.so") == "mkl"
+    assert blas._classify("/usr/lib/x86_64-linux-gnu/blis-pthread/libblas.so.3") == "blis"
+    assert blas._classify("/usr/lib/x86_64-linux-gnu/libblis.so.4") == "blis"
+    assert _info("blis").fast
     assert blas._classify(None) == "unknown"
 
 
@@ -42,6 +45,9 @@ def test_should_reexec_rules(monkeypatch):
     assert blas._should_reexec({blas.OPT_OUT_ENV: "0"}, "linux") == "/usr/lib/libopenblas.so.0"
     assert blas._should_reexec({blas._REEXEC_ENV: "1"}, "linux") is None  # never loops
     assert blas._should_reexec({"LD_PRELOAD": "/opt/libopenblas.so"}, "linux") is None  # user did it already
+    for own in ("/usr/lib/x86_64-linux-gnu/blis-pthread/libblas.so.3", "/opt/intel/libmkl_rt.so.2",
+                "/lib/libjemalloc.so:/usr/lib/libblis.so.4", "/usr/lib/libflexiblas.so.3"):
+        assert blas._should_reexec({"LD_PRELOAD": own}, "linux") is None, own  # the user's BLAS is kept
     monkeypatch.setattr(blas, "find_system_openblas", lambda: None)
     assert blas._should_reexec({}, "linux") is None
     monkeypatch.setattr(blas, "mlx_reference_blas", lambda: None)  # e.g. a wheel with a real BLAS
