@@ -1,7 +1,12 @@
 """The helpers of the scripts in examples/perf: the shared step builder runs the generator's
-compiled steps; the LoRA A/B strips exactly the stream-only adapters."""
+compiled steps; the LoRA A/B strips exactly the stream-only adapters; the A/B scripts run on
+two prompts and find the same outputs in every setting."""
 
 import importlib
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -91,3 +96,42 @@ def test_graph_ops_counts_the_compiled_steps_primitives(monkeypatch):
     assert ar["Matmul"] >= 7 * layers  # q, k, v, o, gate, up, down in every layer
     assert ar["Compiled"] > 0  # elementwise runs were fused
     assert sum(tree.values()) > sum(ar.values())  # streams, acceptance and drafting on top
+
+
+def _run_perf_script(name: str, env_changes: dict[str, str]) -> str:
+    """Run examples/perf/NAME.py in a fresh interpreter on 2 dev MRs, 1 round, 12 tokens; its stdout."""
+    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset.csv.gz"
+    if not data.exists():
+        pytest.skip(f"{data} is not here")
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env.update(env_changes)
+    done = subprocess.run([sys.executable, str(PERF / f"{name}.py"), "--data", str(data), "--num-samples", "2",
+                           "--rounds", "1", "--max-tokens", "12"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_blas_threads_ab_switches_openblas_threads_without_changing_outputs():
+    from mlx_specstream.blas import find_system_openblas
+
+    openblas = find_system_openblas()
+    if not sys.platform.startswith("linux") or openblas is None:
+        pytest.skip("needs Linux and a system OpenBLAS")
+    out = _run_perf_script("blas_threads", {"LD_PRELOAD": openblas})
+    cells = _first_round(out)
+    assert len(cells) == 1 + 4 + 3
+    assert all(float(c) > 0 for c in cells[1:5])
+    assert "were not all the same: 0 of 2" in out
+
+
+def test_blas_choice_routes_products_between_two_libraries_in_one_process():
+    libdir = "/usr/lib/x86_64-linux-gnu" if os.uname().machine == "x86_64" else "/usr/lib/aarch64-linux-gnu"
+    libs = [f"{libdir}/blis-pthread/libblas.so.3", f"{libdir}/openblas-pthread/libopenblas.so.0"]
+    if shutil.which("gcc") is None or not all(os.path.exists(p) for p in libs):
+        pytest.skip("needs gcc, Debian's libblis4-pthread and libopenblas0-pthread")
+    out = _run_perf_script("blas_choice", {})
+    cells = _first_round(out)
+    assert len(cells) == 1 + 6
+    assert all(float(c) > 0 for c in cells[1:])
+    assert "6 outputs were not all the same: 0 of 2" in out

@@ -1,0 +1,121 @@
+"""Which BLAS for which product: OpenBLAS vs BLIS, AR and tree steps, in one process.
+
+Different BLAS libraries can't be compared fairly in separate processes on a host whose
+speed drifts by ±20% between runs. This script compiles ``blas_switch.c`` (gcc), a
+``cblas_sgemm`` that sends each product to one of two libraries by its row count, re-executes
+itself with it preloaded, and interleaves per prompt (each prompt starts with the next
+setting in turn) AR and SS greedy generations with three routings: every product to the
+"large" library (default: OpenBLAS), every product to the "small" one (default: BLIS), and
+1-row products (AR steps) to the small one, the rest to the large one. Prints decode tokens/s
+per setting (prefill excluded, each generation stops at EOS) after each round, and checks
+that all six settings gave the same tokens. Debian: ``apt-get install libopenblas0-pthread
+libblis4-pthread``.
+
+    python examples/perf/blas_choice.py [--model DIR] [--data CSV] [--num-samples 40] [--rounds 3] \\
+        [--small LIB] [--large LIB]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LIBDIR = "/usr/lib/x86_64-linux-gnu" if os.uname().machine == "x86_64" else "/usr/lib/aarch64-linux-gnu"
+DEFAULT_SMALL = f"{LIBDIR}/blis-pthread/libblas.so.3"
+DEFAULT_LARGE = f"{LIBDIR}/openblas-pthread/libopenblas.so.0"
+_SHIM_ENV = "_BLAS_CHOICE_SHIM"
+ROUTES = {"large": -1, "small": 1 << 30, "1-row small": 1}  # products with M <= this go to the small library
+
+
+def build_shim(out_dir: str) -> str:
+    """Compile blas_switch.c into ``out_dir``; the shared library's path."""
+    out = os.path.join(out_dir, "libblas_switch.so")
+    cmd = ["gcc", "-O2", "-shared", "-fPIC", "-o", out, str(HERE / "blas_switch.c"), "-ldl"]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SystemExit("blas_choice needs gcc to build its BLAS switch (apt-get install gcc).") from None
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"building blas_switch.c failed:\n{e.stderr}") from None
+    return out
+
+
+def reexec_with_shim() -> None:
+    """Re-execute this script with the compiled switch preloaded (and no other BLAS preload)."""
+    shim = build_shim(tempfile.mkdtemp(prefix="blas_choice_"))
+    env = dict(os.environ, LD_PRELOAD=shim, SPECSTREAM_NO_OPENBLAS="1", **{_SHIM_ENV: shim})
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+def main() -> None:
+    from pipeline import generation_parser  # this folder's helpers (its folder is on sys.path)
+
+    ap = generation_parser(__doc__.split("\n\n")[0], num_samples=40, rounds=3)
+    ap.add_argument("--small", default=DEFAULT_SMALL, help="library for small products (default: Debian's BLIS)")
+    ap.add_argument("--large", default=DEFAULT_LARGE, help="library for the rest (default: Debian's OpenBLAS)")
+    args = ap.parse_args()
+    for lib in (args.small, args.large):
+        if not os.path.exists(lib):
+            ap.error(f"{lib} does not exist (Debian: apt-get install libopenblas0-pthread libblis4-pthread)")
+    if os.environ.get(_SHIM_ENV) is None:
+        reexec_with_shim()
+    switch = ctypes.CDLL(None)
+    if switch.blas_switch_load(args.small.encode(), args.large.encode()) != 0:
+        raise SystemExit(f"could not load cblas_sgemm from {args.small} and {args.large}")
+    switch.blas_switch_set_rows.argtypes = [ctypes.c_int]
+    run_settings(args, switch)
+
+
+def run_settings(args, switch) -> None:
+    import mlx.core as mx
+
+    from fused import generation
+    from pipeline import encoded_prompts
+
+    from mlx_specstream import load
+
+    names = {"large": Path(args.large).parent.name, "small": Path(args.small).parent.name}
+    settings = {}  # name: (rows limit, speculate)
+    for mode, speculate in (("AR", False), ("SS", True)):
+        for route, rows in ROUTES.items():
+            label = names.get(route, f"1-row {names['small']}, rest {names['large']}")
+            settings[f"{mode}, {label}"] = (rows, speculate)
+    model, tokenizer = load(args.model)
+    eos = set(tokenizer.eos_token_ids)
+    prompts = encoded_prompts(model, tokenizer, args.data, args.num_samples)
+
+    def run(name: str, prompt: mx.array) -> tuple[list[int], float]:
+        rows, speculate = settings[name]
+        mx.synchronize()  # no product in flight (a pipelined step may outlive its generation)
+        switch.blas_switch_set_rows(rows)
+        return generation(model, prompt, eos, args.max_tokens, speculate)
+
+    for name in settings:  # trace every step kind and cache size first
+        for p in prompts[:5]:
+            run(name, p)
+    totals = {name: [0, 0.0] for name in settings}
+    differ = 0
+    print("| round | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings))
+    for r in range(1, args.rounds + 1):
+        for i, p in enumerate(prompts):
+            order = list(settings)
+            outputs = []
+            for name in order[i % len(order):] + order[: i % len(order)]:  # each setting first in turn
+                tokens, t = run(name, p)
+                outputs.append(tokens)
+                totals[name][0] += len(tokens)
+                totals[name][1] += t
+            differ += any(o != outputs[0] for o in outputs)
+        print(f"| {r} | " + " | ".join(f"{n / t:.1f}" for n, t in totals.values()) + " |", flush=True)
+    print(f"prompts whose {len(settings)} outputs were not all the same: {differ} of {len(prompts) * args.rounds}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    main()

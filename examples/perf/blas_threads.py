@@ -1,0 +1,90 @@
+"""OpenBLAS with 1 thread vs 2, AR and tree steps, in real generations.
+
+A tree step's matmuls have ~16 rows, enough for OpenBLAS to split them over its threads; an
+AR step's 1-row products take its single-threaded small-matrix kernel. This script measures
+what the second thread buys each mode: one model, greedy generations of the first N prompts,
+four settings (AR and SS, each with ``openblas_set_num_threads(1)`` and ``(2)``) interleaved
+per prompt (each prompt starts with the next setting in turn), decode tokens/s per setting
+(prefill excluded, each generation stops at EOS) and the SS/AR ratios. Outputs are checked to
+be the same tokens in all four settings. Needs OpenBLAS preloaded:
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+        python examples/perf/blas_threads.py [--model DIR] [--data CSV] [--num-samples 60] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import mlx.core as mx
+
+from fused import generation  # this folder's helpers (its folder is on sys.path)
+from pipeline import encoded_prompts, generation_parser
+
+from mlx_specstream import load
+
+SETTINGS = {  # name: (OpenBLAS threads, speculate)
+    "AR, 1 thread": (1, False),
+    "AR, 2 threads": (2, False),
+    "SS, 1 thread": (1, True),
+    "SS, 2 threads": (2, True),
+}
+
+
+def openblas_threads():
+    """The process's ``(openblas_get_num_threads, openblas_set_num_threads)``; exits with a hint
+    when OpenBLAS isn't loaded."""
+    process = ctypes.CDLL(None)
+    try:
+        getter, setter = process.openblas_get_num_threads, process.openblas_set_num_threads
+    except AttributeError:
+        raise SystemExit("OpenBLAS is not loaded in this process: run with "
+                         "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0") from None
+    getter.restype = ctypes.c_int
+    setter.argtypes = [ctypes.c_int]
+    setter.restype = None
+    return getter, setter
+
+
+def main() -> None:
+    args = generation_parser(__doc__.split("\n\n")[0], num_samples=60, rounds=3).parse_args()
+    get_threads, set_threads = openblas_threads()
+    initial = get_threads()
+    model, tokenizer = load(args.model)
+    eos = set(tokenizer.eos_token_ids)
+    prompts = encoded_prompts(model, tokenizer, args.data, args.num_samples)
+
+    def run(name: str, prompt: mx.array) -> tuple[list[int], float]:
+        threads, speculate = SETTINGS[name]
+        mx.synchronize()  # no matmul in flight (a pipelined step may outlive its generation)
+        set_threads(threads)
+        return generation(model, prompt, eos, args.max_tokens, speculate)
+
+    for name in SETTINGS:  # trace every step kind and cache size first
+        for p in prompts[:5]:
+            run(name, p)
+    totals = {name: [0, 0.0] for name in SETTINGS}
+    differ = 0
+    print("| round | " + " | ".join(SETTINGS) + " | SS/AR 1 thread | SS/AR 2 threads | best SS / best AR |\n|---|"
+          + "---|" * (len(SETTINGS) + 3))
+    for r in range(1, args.rounds + 1):
+        for i, p in enumerate(prompts):
+            names = list(SETTINGS)
+            outputs = []
+            for name in names[i % len(names):] + names[: i % len(names)]:  # each setting first in turn
+                tokens, t = run(name, p)
+                outputs.append(tokens)
+                totals[name][0] += len(tokens)
+                totals[name][1] += t
+            differ += any(o != outputs[0] for o in outputs)
+        tps = {name: n / t for name, (n, t) in totals.items()}
+        ratios = [tps[f"SS, {e}"] / tps[f"AR, {e}"] for e in ("1 thread", "2 threads")]
+        best = max(tps["SS, 1 thread"], tps["SS, 2 threads"]) / max(tps["AR, 1 thread"], tps["AR, 2 threads"])
+        print(f"| {r} | " + " | ".join(f"{v:.1f}" for v in tps.values()) + " | "
+              + " | ".join(f"{x:.2f}x" for x in ratios) + f" | {best:.2f}x |", flush=True)
+    set_threads(initial)
+    print(f"prompts whose four outputs were not all the same: {differ} of {len(prompts) * args.rounds}")
+
+
+if __name__ == "__main__":
+    main()
