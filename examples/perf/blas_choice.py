@@ -18,6 +18,7 @@ libblis4-pthread``.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import subprocess
 import sys
@@ -32,22 +33,29 @@ _SHIM_ENV = "_BLAS_CHOICE_SHIM"
 ROUTES = {"large": -1, "small": 1 << 30, "1-row small": 1}  # products with M <= this go to the small library
 
 
-def build_shim(out_dir: str) -> str:
-    """Compile blas_switch.c into ``out_dir``; the shared library's path."""
-    out = os.path.join(out_dir, "libblas_switch.so")
-    cmd = ["gcc", "-O2", "-shared", "-fPIC", "-o", out, str(HERE / "blas_switch.c"), "-ldl"]
+def build_shim() -> str:
+    """Compile blas_switch.c once per version of its source (a shared library in the temporary
+    folder, named by the source's hash, written under a temporary name and renamed); its path."""
+    source = HERE / "blas_switch.c"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    out = os.path.join(tempfile.gettempdir(), f"libblas_switch-{digest}.so")
+    if os.path.exists(out):
+        return out
+    partial = f"{out}.{os.getpid()}.partial"
+    cmd = ["gcc", "-O2", "-shared", "-fPIC", "-o", partial, str(source), "-ldl"]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     except FileNotFoundError:
         raise SystemExit("blas_choice needs gcc to build its BLAS switch (apt-get install gcc).") from None
     except subprocess.CalledProcessError as e:
         raise SystemExit(f"building blas_switch.c failed:\n{e.stderr}") from None
+    os.replace(partial, out)
     return out
 
 
 def reexec_with_shim() -> None:
     """Re-execute this script with the compiled switch preloaded (and no other BLAS preload)."""
-    shim = build_shim(tempfile.mkdtemp(prefix="blas_choice_"))
+    shim = build_shim()
     env = dict(os.environ, LD_PRELOAD=shim, SPECSTREAM_NO_OPENBLAS="1", **{_SHIM_ENV: shim})
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
