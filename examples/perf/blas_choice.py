@@ -81,10 +81,8 @@ def main() -> None:
 
 
 def run_settings(args, switch) -> None:
-    import mlx.core as mx
-
-    from fused import generation
-    from pipeline import encoded_prompts
+    from fused import switched_runner
+    from pipeline import encoded_prompts, interleaved_rounds
 
     from mlx_specstream import load
 
@@ -97,30 +95,14 @@ def run_settings(args, switch) -> None:
     model, tokenizer = load(args.model)
     eos = set(tokenizer.eos_token_ids)
     prompts = encoded_prompts(model, tokenizer, args.data, args.num_samples)
-
-    def run(name: str, prompt: mx.array) -> tuple[list[int], float]:
-        rows, speculate = settings[name]
-        mx.synchronize()  # no product in flight (a pipelined step may outlive its generation)
-        switch.blas_switch_set_rows(rows)
-        return generation(model, prompt, eos, args.max_tokens, speculate)
+    run = switched_runner(model, eos, args.max_tokens, settings, switch.blas_switch_set_rows)
 
     for name in settings:  # trace every step kind and cache size first
         for p in prompts[:5]:
             run(name, p)
-    totals = {name: [0, 0.0] for name in settings}
-    differ = 0
     print("| round | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings))
-    for r in range(1, args.rounds + 1):
-        for i, p in enumerate(prompts):
-            order = list(settings)
-            outputs = []
-            for name in order[i % len(order):] + order[: i % len(order)]:  # each setting first in turn
-                tokens, t = run(name, p)
-                outputs.append(tokens)
-                totals[name][0] += len(tokens)
-                totals[name][1] += t
-            differ += any(o != outputs[0] for o in outputs)
-        print(f"| {r} | " + " | ".join(f"{n / t:.1f}" for n, t in totals.values()) + " |", flush=True)
+    for r, tps, differ in interleaved_rounds(list(settings), prompts, run, args.rounds):
+        print(f"| {r} | " + " | ".join(f"{v:.1f}" for v in tps.values()) + " |", flush=True)
     print(f"prompts whose {len(settings)} outputs were not all the same: {differ} of {len(prompts) * args.rounds}")
 
 

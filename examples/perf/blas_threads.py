@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import ctypes
 
-import mlx.core as mx
-
-from fused import generation  # this folder's helpers (its folder is on sys.path)
-from pipeline import encoded_prompts, generation_parser
+from fused import switched_runner  # this folder's helpers (its folder is on sys.path)
+from pipeline import encoded_prompts, generation_parser, interleaved_rounds
 
 from mlx_specstream import load
 
@@ -53,31 +51,14 @@ def main() -> None:
     model, tokenizer = load(args.model)
     eos = set(tokenizer.eos_token_ids)
     prompts = encoded_prompts(model, tokenizer, args.data, args.num_samples)
-
-    def run(name: str, prompt: mx.array) -> tuple[list[int], float]:
-        threads, speculate = SETTINGS[name]
-        mx.synchronize()  # no matmul in flight (a pipelined step may outlive its generation)
-        set_threads(threads)
-        return generation(model, prompt, eos, args.max_tokens, speculate)
+    run = switched_runner(model, eos, args.max_tokens, SETTINGS, set_threads)
 
     for name in SETTINGS:  # trace every step kind and cache size first
         for p in prompts[:5]:
             run(name, p)
-    totals = {name: [0, 0.0] for name in SETTINGS}
-    differ = 0
     print("| round | " + " | ".join(SETTINGS) + " | SS/AR 1 thread | SS/AR 2 threads | best SS / best AR |\n|---|"
           + "---|" * (len(SETTINGS) + 3))
-    for r in range(1, args.rounds + 1):
-        for i, p in enumerate(prompts):
-            names = list(SETTINGS)
-            outputs = []
-            for name in names[i % len(names):] + names[: i % len(names)]:  # each setting first in turn
-                tokens, t = run(name, p)
-                outputs.append(tokens)
-                totals[name][0] += len(tokens)
-                totals[name][1] += t
-            differ += any(o != outputs[0] for o in outputs)
-        tps = {name: n / t for name, (n, t) in totals.items()}
+    for r, tps, differ in interleaved_rounds(list(SETTINGS), prompts, run, args.rounds):
         ratios = [tps[f"SS, {e}"] / tps[f"AR, {e}"] for e in ("1 thread", "2 threads")]
         best = max(tps["SS, 1 thread"], tps["SS, 2 threads"]) / max(tps["AR, 1 thread"], tps["AR, 2 threads"])
         print(f"| {r} | " + " | ".join(f"{v:.1f}" for v in tps.values()) + " | "

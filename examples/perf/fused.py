@@ -17,7 +17,8 @@ import time
 
 import mlx.core as mx
 
-from pipeline import encoded_prompts, generation_parser  # this folder's helpers (its folder is on sys.path)
+# this folder's helpers (its folder is on sys.path)
+from pipeline import encoded_prompts, generation_parser, interleaved_rounds
 
 from mlx_specstream import load
 from mlx_specstream.generate import generate_step
@@ -47,6 +48,20 @@ def generation(model, prompt: mx.array, eos: set[int], max_tokens: int, speculat
     return tokens[: end + 1], elapsed
 
 
+def switched_runner(model, eos: set[int], max_tokens: int, settings: dict, switch):
+    """``run(name, prompt)`` for settings ``{name: (value, speculate)}``: waits until no product
+    is in flight (a pipelined step may outlive its generation), calls ``switch(value)`` (a
+    process-wide setting such as the BLAS thread count), then runs :func:`generation`."""
+
+    def run(name: str, prompt: mx.array) -> tuple[list[int], float]:
+        value, speculate = settings[name]
+        mx.synchronize()
+        switch(value)
+        return generation(model, prompt, eos, max_tokens, speculate)
+
+    return run
+
+
 def main() -> None:
     args = generation_parser(__doc__.split("\n\n")[0], num_samples=60, rounds=3).parse_args()
     models = {}
@@ -64,20 +79,8 @@ def main() -> None:
     for name in SETTINGS:  # trace every step kind and cache size first
         for p in prompts[:5]:
             run(name, p)
-    totals = {name: [0, 0.0] for name in SETTINGS}
-    differ = 0
     print("| round | " + " | ".join(SETTINGS) + " | SS/AR separate | SS/AR fused |\n|---|" + "---|" * (len(SETTINGS) + 2))
-    for r in range(1, args.rounds + 1):
-        for i, p in enumerate(prompts):
-            names = list(SETTINGS)
-            outputs = []
-            for name in names[i % len(names):] + names[: i % len(names)]:  # each setting first in turn
-                tokens, t = run(name, p)
-                outputs.append(tokens)
-                totals[name][0] += len(tokens)
-                totals[name][1] += t
-            differ += any(o != outputs[0] for o in outputs)
-        tps = {name: n / t for name, (n, t) in totals.items()}
+    for r, tps, differ in interleaved_rounds(list(SETTINGS), prompts, run, args.rounds):
         ratios = [tps[f"SS, {e}"] / tps[f"AR, {e}"] for e in ("separate", "fused")]
         print(f"| {r} | " + " | ".join(f"{v:.1f}" for v in tps.values()) + " | "
               + " | ".join(f"{x:.2f}x" for x in ratios) + " |", flush=True)

@@ -59,6 +59,25 @@ def encoded_prompts(model, tokenizer, data: str, num_samples: int) -> list[mx.ar
     return [mx.array(tokenizer.encode(format_prompt(model, ex.prompt)), dtype=mx.int32) for ex in examples]
 
 
+def interleaved_rounds(names: list[str], prompts: list[mx.array], run, rounds: int):
+    """Time every setting on every prompt, ``rounds`` times over; each prompt starts with the
+    next setting in turn. ``run(name, prompt)`` returns ``(tokens, decode seconds)``. Yields
+    ``(round, {name: cumulative decode tokens/s}, prompts whose outputs differed so far)`` after
+    each round."""
+    totals = {name: [0, 0.0] for name in names}
+    differ = 0
+    for r in range(1, rounds + 1):
+        for i, p in enumerate(prompts):
+            outputs = []
+            for name in names[i % len(names):] + names[: i % len(names)]:
+                tokens, t = run(name, p)
+                outputs.append(tokens)
+                totals[name][0] += len(tokens)
+                totals[name][1] += t
+            differ += any(o != outputs[0] for o in outputs)
+        yield r, {name: n / t for name, (n, t) in totals.items()}, differ
+
+
 def main() -> None:
     ap = generation_parser(__doc__.split("\n\n")[0], num_samples=40, rounds=4)
     ap.add_argument("--per-round", action="store_true", help="tokens/s of each round, not cumulative")
