@@ -5,8 +5,10 @@ Two measurements, then a choice:
 1. **Step cost** ``c(n, d)``: seconds of one real speculative decoding step (forward pass
    over a tree of ``n`` nodes and depth ``d``, each node with its ``d`` stream tokens, plus
    acceptance, drafting and cache commit; n up to 32) and ``c_ar`` of one autoregressive
-   step, decoding from a calibration prompt. Rounds interleave the configurations; the
-   medians are made non-decreasing in ``n`` (isotonic fit), since a bigger tree never costs less.
+   step, decoding from a calibration prompt. Rounds interleave the configurations, each timed
+   right after an AR step window and costed by its median ratio to it (the host's speed
+   drifts); the costs are made non-decreasing in ``n`` (isotonic fit), since a bigger tree
+   never costs less.
 2. **Acceptance**: greedy continuations of the calibration prompts, then one teacher-forced
    pass with streams on every position (``model.all_logits``). At position p, stream j drafts
    the token the main stream chooses at p + j; ``R[p, j]`` is that token's rank in stream j's
@@ -142,8 +144,13 @@ def step_costs(model, context: list[int], rounds: Optional[int] = None,
     commit) after prefilling ``context``: each configuration decodes ``COST_WARMUP_STEPS``
     untimed steps (the first decoding step also pays for starting the pipeline: ~2x a
     steady AR step on a small model, which made AR look dearer than it is), then ``steps``
-    steps; its cost is their mean time, then the median over ``rounds`` rounds that
-    interleave the configurations. Sizes between those of ``COST_SIZES`` are
+    steps; its cost is their mean time. Each configuration's window comes right after an AR
+    window, and its cost is the median over ``rounds`` rounds of its time relative to that AR
+    window, times the median of all AR windows: this host's speed swings ~2x over tens of
+    milliseconds, enough to make a whole window slow, so the configurations are compared with
+    AR timed at the same moment (plain medians of 3 rounds made an AR step of the 260K stories
+    model look 2.45 ms against 1.34 ms in generation, and tuning promised 2.30x where 0.92x was
+    measured). Sizes between those of ``COST_SIZES`` are
     interpolated; each depth's costs are made non-decreasing in ``n`` (isotonic fit), since
     a bigger tree never costs less. Defaults: ``COST_ROUNDS`` rounds of ``COST_STEPS`` steps.
     """
@@ -166,13 +173,16 @@ def step_costs(model, context: list[int], rounds: Optional[int] = None,
 
     depths = range(1, model.num_streams + 1)
     sizes = {d: [n for n in COST_SIZES if d < n <= MAX_NODES] for d in depths}
-    configs = [(0, 1, dict(speculate=False))] + [
-        (d, n, dict(tree=cost_tree(n, d))) for d in depths for n in sizes[d]]
-    times: list[list[float]] = [[] for _ in configs]
+    configs = [(d, n, dict(tree=cost_tree(n, d))) for d in depths for n in sizes[d]]
+    ar_times: list[float] = []
+    ratios: list[list[float]] = [[] for _ in configs]
     for _ in range(rounds):
         for k, (_, _, kwargs) in enumerate(configs):
-            times[k].append(one(**kwargs))
-    medians = {(d, n): statistics.median(t) for (d, n, _), t in zip(configs, times)}
+            ar = one(speculate=False)  # right before each configuration: the host's speed of the moment
+            ar_times.append(ar)
+            ratios[k].append(one(**kwargs) / ar)
+    c_ar = statistics.median(ar_times)
+    medians = {(d, n): c_ar * statistics.median(r) for (d, n, _), r in zip(configs, ratios)}
     fitted, raw = {}, {}
     for d in depths:
         if not sizes[d]:
@@ -180,7 +190,7 @@ def step_costs(model, context: list[int], rounds: Optional[int] = None,
         ys = [medians[(d, n)] for n in sizes[d]]
         raw[d] = [float(np.interp(n, sizes[d], ys)) for n in range(1, MAX_NODES + 1)]
         fitted[d] = _monotone(raw[d])
-    return medians[(0, 1)], fitted, raw
+    return c_ar, fitted, raw
 
 
 def cartesian_candidates(depth: int) -> list[tuple[int, ...]]:
