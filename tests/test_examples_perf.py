@@ -19,14 +19,19 @@ from mlx_specstream.testing import random_model, tiny_config
 PERF = Path(__file__).resolve().parents[1] / "examples" / "perf"
 
 
-def _run_ab_script(monkeypatch, capsys, name: str) -> str:
-    """Run an A/B script of examples/perf on 2 dev MRs, 1 round, 12 tokens; its stdout."""
-    module = importlib.import_module(name)
+def _small_run_args() -> list[str]:
+    """The arguments that run an A/B script of examples/perf on 2 dev MRs, 1 round, 12 tokens
+    (skips the test when the shared data is absent)."""
     data = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset.csv.gz"
     if not data.exists():
         pytest.skip(f"{data} is not here")
-    monkeypatch.setattr("sys.argv", [f"{name}.py", "--data", str(data), "--num-samples", "2", "--rounds", "1",
-                                     "--max-tokens", "12"])
+    return ["--data", str(data), "--num-samples", "2", "--rounds", "1", "--max-tokens", "12"]
+
+
+def _run_ab_script(monkeypatch, capsys, name: str) -> str:
+    """Run an A/B script of examples/perf in this process on a small run; its stdout."""
+    module = importlib.import_module(name)
+    monkeypatch.setattr("sys.argv", [f"{name}.py", *_small_run_args()])
     module.main()
     return capsys.readouterr().out
 
@@ -99,15 +104,12 @@ def test_graph_ops_counts_the_compiled_steps_primitives(monkeypatch):
 
 
 def _run_perf_script(name: str, env_changes: dict[str, str]) -> str:
-    """Run examples/perf/NAME.py in a fresh interpreter on 2 dev MRs, 1 round, 12 tokens; its stdout."""
-    data = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e" / "devset.csv.gz"
-    if not data.exists():
-        pytest.skip(f"{data} is not here")
+    """Run examples/perf/NAME.py in a fresh interpreter on a small run; its stdout."""
+    args = _small_run_args()
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     env.update(env_changes)
-    done = subprocess.run([sys.executable, str(PERF / f"{name}.py"), "--data", str(data), "--num-samples", "2",
-                           "--rounds", "1", "--max-tokens", "12"], env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, str(PERF / f"{name}.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -125,9 +127,10 @@ def test_blas_threads_ab_switches_openblas_threads_without_changing_outputs():
     assert "were not all the same: 0 of 2" in out
 
 
-def test_blas_choice_routes_products_between_two_libraries_in_one_process():
-    libdir = "/usr/lib/x86_64-linux-gnu" if os.uname().machine == "x86_64" else "/usr/lib/aarch64-linux-gnu"
-    libs = [f"{libdir}/blis-pthread/libblas.so.3", f"{libdir}/openblas-pthread/libopenblas.so.0"]
+def test_blas_choice_routes_products_between_two_libraries_in_one_process(monkeypatch):
+    monkeypatch.syspath_prepend(str(PERF))
+    blas_choice = importlib.import_module("blas_choice")  # its defaults; the run is a fresh interpreter
+    libs = [blas_choice.DEFAULT_SMALL, blas_choice.DEFAULT_LARGE]
     if shutil.which("gcc") is None or not all(os.path.exists(p) for p in libs):
         pytest.skip("needs gcc, Debian's libblis4-pthread and libopenblas0-pthread")
     out = _run_perf_script("blas_choice", {})

@@ -20,6 +20,7 @@ from fused import switched_runner  # this folder's helpers (its folder is on sys
 from pipeline import encoded_prompts, generation_parser, interleaved_rounds
 
 from mlx_specstream import load
+from mlx_specstream.blas import preload_command
 
 SETTINGS = {  # name: (OpenBLAS threads, speculate)
     "AR, 1 thread": (1, False),
@@ -36,8 +37,7 @@ def openblas_threads():
     try:
         getter, setter = process.openblas_get_num_threads, process.openblas_set_num_threads
     except AttributeError:
-        raise SystemExit("OpenBLAS is not loaded in this process: run with "
-                         "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0") from None
+        raise SystemExit(f"OpenBLAS is not loaded in this process: `{preload_command()}` first.") from None
     getter.restype = ctypes.c_int
     setter.argtypes = [ctypes.c_int]
     setter.restype = None

@@ -182,12 +182,12 @@ def step_costs(model, context: list[int], rounds: Optional[int] = None,
             ar_times.append(ar)
             ratios[k].append(one(**kwargs) / ar)
     c_ar = statistics.median(ar_times)
-    medians = {(d, n): c_ar * statistics.median(r) for (d, n, _), r in zip(configs, ratios)}
+    costs = {(d, n): c_ar * statistics.median(r) for (d, n, _), r in zip(configs, ratios)}
     fitted, raw = {}, {}
     for d in depths:
         if not sizes[d]:
             continue
-        ys = [medians[(d, n)] for n in sizes[d]]
+        ys = [costs[(d, n)] for n in sizes[d]]
         raw[d] = [float(np.interp(n, sizes[d], ys)) for n in range(1, MAX_NODES + 1)]
         fitted[d] = _monotone(raw[d])
     return c_ar, fitted, raw
