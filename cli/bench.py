@@ -38,8 +38,8 @@ JsonFileOpt = Annotated[Optional[Path], typer.Option(
 PlotOpt = Annotated[Optional[Path], typer.Option(
     "--plot", show_default=False, help="Write a PNG plot (speedup vs tree size with --tune); needs matplotlib.")]
 TuneOpt = Annotated[bool, typer.Option(
-    "--tune", help="Measure step cost and acceptance, pick the fastest tree, save it as the model's default "
-    "tree, then benchmark with it.")]
+    "--tune", help="Measure step cost and acceptance, time the most promising trees in generations from the "
+    "calibration prompts, save the fastest as the model's default tree, then benchmark with it.")]
 TuneDataOpt = Annotated[Optional[Path], typer.Option(
     "--tune-data", show_default=False,
     help="Calibration data for --tune (default: --data; a separate split is less optimistic).")]

@@ -105,6 +105,7 @@ def test_bench_tune_writes_a_default_tree_that_loads_back(model_dir, tmp_path, c
     monkeypatch.setattr(tune_mod, "MAX_NODES", 8)  # keep the step-cost sweep short on the reference BLAS
     monkeypatch.setattr(tune_mod, "COST_STEPS", 4)
     monkeypatch.setattr(tune_mod, "COST_ROUNDS", 1)
+    monkeypatch.setattr(tune_mod, "FINAL_ROUNDS", 1)
     d = tmp_path / "m"
     shutil.copytree(model_dir, d)
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "abcabc"}, {"prompt": "hello hello"}])
@@ -124,7 +125,16 @@ def test_bench_tune_writes_a_default_tree_that_loads_back(model_dir, tmp_path, c
     assert set(t["step_cost_s"]) == {str(d) for d in range(1, model.num_streams + 1)}  # per tree depth
     for costs in t["step_cost_s"].values():
         assert len(costs) == 8 and costs == sorted(costs)
-    assert "### tuning: chose tree" in out.out
+    # the choice is the fastest of the best-modelled trees, timed in generations
+    fin = t["finalists"]
+    assert 1 <= len(fin) <= tune_mod.FINALISTS
+    assert {f["tree"] for f in fin} <= {c["tree"] for c in t["candidates"]}
+    assert fin[0]["tree"] == t["tree"] and t["expected_speedup"] == fin[0]["speedup"]
+    assert [f["speedup"] for f in fin] == sorted((f["speedup"] for f in fin), reverse=True)
+    for f in fin:  # one round: the speedup is that round's ratio of decode rates
+        assert f["speedup"] == pytest.approx(f["ss_tokens_per_sec"] / t["expected_ar_tokens_per_sec"])
+        assert f["tokens_per_step"] == pytest.approx(f["expected_tokens_per_step"])  # in-sample greedy replay
+    assert "### tuning: chose tree" in out.out and "finalists timed in generations" in out.out
     # the report says so when no tree is expected to pay on this device
     assert ("no tree is expected" in out.out) == (t["expected_speedup"] < 1)
     for expected, says in ((0.8, True), (1.2, False)):

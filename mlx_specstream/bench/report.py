@@ -65,7 +65,7 @@ def markdown(result: dict) -> str:
         lines += [
             "",
             f"### tuning: chose tree {t['tree']} ({t['size']} nodes), saved to {t['saved_to']}",
-            "| | expected | measured |",
+            "| | expected (tuning, calibration prompts) | measured (this benchmark) |",
             "|---|---|---|",
             f"| tokens/step | {t['expected_tokens_per_step']:.2f} | {t['measured_tokens_per_step']:.2f} |",
             f"| speedup | {t['expected_speedup']:.2f}x | {t['measured_speedup']:.2f}x |",
@@ -78,9 +78,12 @@ def markdown(result: dict) -> str:
                         for d, costs in t["step_cost_s"].items()),
             "- rank acceptance P(stream j's rank-r token is the main stream's), rows j = 1..: "
             + "; ".join(" ".join(f"{p:.2f}" for p in row[:4]) for row in t["rank_acceptance"]),
-            "- best candidates: " + ", ".join(
+            "- best candidates by the step-cost model: " + ", ".join(
                 f"{c['tree']} ({c['size']} nodes, {c['tokens_per_step']:.2f} tok/step, {c['speedup']:.2f}x)"
                 for c in t["candidates"][:4]),
+            "- finalists timed in generations from the calibration prompts: " + ", ".join(
+                f"{f['tree']} ({f['speedup']:.2f}x, {f['tokens_per_step']:.2f} tok/step; modelled "
+                f"{f['modelled_speedup']:.2f}x)" for f in t.get("finalists", [])),
         ]
         if t["expected_speedup"] < 1.0:
             lines.append(f"- **no tree is expected to beat plain decoding on this device** (best "
@@ -108,7 +111,11 @@ def plot(result: dict, path: str | os.PathLike) -> Optional[str]:
     if t:
         sizes = sorted(t["best_speedup_by_size"], key=int)
         ax.plot([int(n) for n in sizes], [t["best_speedup_by_size"][n] for n in sizes], "o-",
-                label="expected (best tree of each size)")
+                label="modelled (best tree of each size)")
+        finalists = t.get("finalists", [])
+        if finalists:
+            ax.plot([f["size"] for f in finalists], [f["speedup"] for f in finalists], "gs",
+                    label="finalists, timed on calibration prompts")
         ax.plot([result["settings"]["tree_size"]], [result["speedup"]], "r*", markersize=14, label="measured")
         ax.set_xlabel("tree size (nodes)")
         ax.set_ylabel("speedup over autoregressive")
