@@ -55,6 +55,11 @@ def _measure_in_subprocess(n: int, preload: Optional[str]) -> Optional[float]:
         return None
 
 
+def _timeout_text(value: Any) -> str:
+    """How long OpenBLAS's idle threads spin, from ``OPENBLAS_THREAD_TIMEOUT``."""
+    return f"threads spin 2^{value or 28} cycles after work" + ("" if value else " (OpenBLAS's default)")
+
+
 def _exp_line(exp: dict[str, Any]) -> str:
     how = "2 ** (x log2 e) through power" if exp["via_power"] else "MLX's native exp"
     why = f"SPECSTREAM_POW_EXP={exp['override']}" if exp["override"] else "chosen for this host"
@@ -86,6 +91,7 @@ def collect(size: int = 1024, compare: bool = False) -> dict[str, Any]:
             "library": info.provider,
             "preloaded": info.preloaded,  # a BLAS in LD_PRELOAD (OpenBLAS, BLIS, MKL, ...)
             "preloaded_by": "specstream" if info.via_reexec else ("LD_PRELOAD" if info.preloaded else None),
+            "openblas_thread_timeout": info.thread_timeout,  # OPENBLAS_THREAD_TIMEOUT (None: OpenBLAS's 28)
             "system_openblas": info.system_openblas,
             "mlx_reference_blas": info.mlx_reference_blas,
             "opt_out": os.environ.get(blas.OPT_OUT_ENV, "") not in ("", "0"),
@@ -136,6 +142,12 @@ def advice(report: dict[str, Any], info: Any) -> list[str]:
                 f"MLX runs on its slow reference BLAS. The specstream command preloads OpenBLAS by itself; "
                 f"in your own Python programs run `{blas.preload_command(info.system_openblas)}` first."
             )
+    if report["blas"]["kind"] == "openblas" and not report["blas"]["openblas_thread_timeout"]:
+        tips.append(
+            f"OpenBLAS's idle threads spin for ~0.1 s after each multi-threaded product and slow decoding "
+            f"on small machines: run `export {blas.TIMEOUT_ENV}={blas.THREAD_TIMEOUT}` before starting Python "
+            "(the specstream command sets it when it preloads OpenBLAS)."
+        )
     return tips
 
 
@@ -160,7 +172,8 @@ def doctor(
         ("platform", f"{report['platform']} ({report['machine']}), Python {report['python']}"),
         ("versions", ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)),
         ("back-end", f"{report['backend']} (default device {report['default_device']})"),
-        ("BLAS", f"{b['kind']}{how}: {b['library'] or 'not found'}"),
+        ("BLAS", f"{b['kind']}{how}: {b['library'] or 'not found'}"
+                 + (f", {_timeout_text(b['openblas_thread_timeout'])}" if b["kind"] == "openblas" else "")),
         ("system OpenBLAS", b["system_openblas"] or "none found"),
         ("matmul", f"{m['gflops']:.1f} GFLOP/s (float32, {m['n']}x{m['n']})"),
         ("exp", _exp_line(report["exp"])),

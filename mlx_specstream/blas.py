@@ -14,6 +14,14 @@ The preload has to be in the environment before the process starts, so:
 A BLAS the user preloads themselves (OpenBLAS, BLIS, MKL, ...) is left alone: on some hosts
 BLIS runs MLX's 1-row products faster than OpenBLAS (BENCHMARKS.md, "Which BLAS").
 
+OpenBLAS's worker threads keep spinning (``sched_yield``) for 2^28 CPU cycles, ~0.1 s, after
+each multi-threaded product before they sleep. On a small machine that spinner takes a core
+from MLX's own threads: after a prompt's prefill it slowed the plain decoding that followed by
+~20% on a 2-core VM. The re-exec and :func:`preload_command` therefore also set
+``OPENBLAS_THREAD_TIMEOUT=23`` (2^23 cycles, a few ms: long enough to stay awake between the
+products of one decoding step), unless the user set it (BENCHMARKS.md, "OpenBLAS's spinning
+threads").
+
 Nothing here imports MLX at module import time: the re-exec check runs before MLX is loaded.
 """
 
@@ -33,6 +41,8 @@ from typing import Optional
 
 OPT_OUT_ENV = "SPECSTREAM_NO_OPENBLAS"  # "1": never re-exec, never warn
 PATH_ENV = "SPECSTREAM_OPENBLAS"  # explicit path to a libopenblas.so to preload
+TIMEOUT_ENV = "OPENBLAS_THREAD_TIMEOUT"  # read by OpenBLAS once, when it loads: spin 2^value cycles
+THREAD_TIMEOUT = "23"  # ours (module docstring); OpenBLAS's default is 28
 # Set in the re-executed child only: guards against loops and remembers the user's LD_PRELOAD.
 _REEXEC_ENV = "_SPECSTREAM_OPENBLAS_REEXEC"
 _ORIG_PRELOAD_ENV = "_SPECSTREAM_ORIG_LD_PRELOAD"
@@ -63,6 +73,7 @@ class BlasInfo:
     kind: str  # "openblas" | "blis" | "mkl" | "accelerate" | "reference" | "other" | "unknown"
     preloaded: bool  # a BLAS library is in this process's LD_PRELOAD
     via_reexec: bool  # ... put there by the specstream command's re-exec
+    thread_timeout: Optional[str]  # OPENBLAS_THREAD_TIMEOUT in this process's environment
     system_openblas: Optional[str]  # a system OpenBLAS that could be preloaded
     mlx_reference_blas: Optional[str]  # the reference BLAS bundled with the MLX CPU wheel
 
@@ -178,6 +189,7 @@ def blas_info(load_mlx: bool = True) -> BlasInfo:
         kind=kind,
         preloaded=_preloaded_blas() or os.environ.get(_REEXEC_ENV) == "1",
         via_reexec=os.environ.get(_REEXEC_ENV) == "1",
+        thread_timeout=os.environ.get(TIMEOUT_ENV),
         system_openblas=find_system_openblas() if sys.platform.startswith("linux") else None,
         mlx_reference_blas=mlx_reference_blas(),
     )
@@ -200,9 +212,10 @@ def matmul_gflops(n: int = 1024, repeats: int = 3, dtype: str = "float32") -> fl
 
 
 def preload_command(path: Optional[str] = None) -> str:
-    """The shell line that makes a Python process use OpenBLAS (for messages)."""
+    """The shell line that makes a Python process use OpenBLAS, its threads sleeping soon after
+    their work (module docstring), for messages."""
     path = path or find_system_openblas() or OPENBLAS_CANDIDATES[0]
-    return f"export LD_PRELOAD={path}"
+    return f"export LD_PRELOAD={path} {TIMEOUT_ENV}={THREAD_TIMEOUT}"
 
 
 def fix_hint(info: BlasInfo) -> Optional[str]:
@@ -238,7 +251,8 @@ def maybe_reexec_with_openblas(argv: Optional[list[str]] = None) -> None:
     """Re-execute this process with OpenBLAS preloaded when that helps (Linux ``specstream`` only).
 
     Called first thing by the CLI, before MLX is imported. In the re-executed child it restores
-    the user's own ``LD_PRELOAD`` in ``os.environ`` so subprocesses are not affected.
+    the user's own ``LD_PRELOAD`` in ``os.environ`` so subprocesses are not affected
+    (``OPENBLAS_THREAD_TIMEOUT`` stays: it only changes how long OpenBLAS threads spin).
     """
     if os.environ.get(_REEXEC_ENV) == "1":
         original = os.environ.pop(_ORIG_PRELOAD_ENV, None)
@@ -255,6 +269,7 @@ def maybe_reexec_with_openblas(argv: Optional[list[str]] = None) -> None:
     if original is not None:
         env[_ORIG_PRELOAD_ENV] = original
     env["LD_PRELOAD"] = f"{path}:{original}" if original else path
+    env.setdefault(TIMEOUT_ENV, THREAD_TIMEOUT)  # the user's own value wins
     env[_REEXEC_ENV] = "1"
     args = argv if argv is not None else list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     sys.stdout.flush()

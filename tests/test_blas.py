@@ -22,7 +22,7 @@ needs_openblas = pytest.mark.skipif(
 
 def _info(kind, system="/usr/lib/libopenblas.so.0", reference="/site/mlx_cpu.libs/libblas.so", preloaded=False):
     return blas.BlasInfo(provider=f"/x/{kind}.so", kind=kind, preloaded=preloaded, via_reexec=False,
-                         system_openblas=system, mlx_reference_blas=reference)
+                         thread_timeout=None, system_openblas=system, mlx_reference_blas=reference)
 
 
 def test_classify():
@@ -70,11 +70,17 @@ def test_reexec_builds_the_preloaded_environment(monkeypatch):
     monkeypatch.setattr(blas.os, "execve", lambda path, args, env: calls.append((path, args, env)))
     monkeypatch.setenv("LD_PRELOAD", "/lib/libmine.so")
     monkeypatch.delenv(blas._REEXEC_ENV, raising=False)
+    monkeypatch.delenv(blas.TIMEOUT_ENV, raising=False)
     blas.maybe_reexec_with_openblas(["specstream", "generate", "--prompt", "hi"])
     (path, args, env), = calls
     assert path == sys.executable and args == [sys.executable, "generate", "--prompt", "hi"]
     assert env["LD_PRELOAD"] == "/usr/lib/libopenblas.so.0:/lib/libmine.so"
     assert env[blas._REEXEC_ENV] == "1" and env[blas._ORIG_PRELOAD_ENV] == "/lib/libmine.so"
+    assert env[blas.TIMEOUT_ENV] == blas.THREAD_TIMEOUT == "23"  # OpenBLAS threads sleep after ~3 ms, not ~0.1 s
+    assert blas.TIMEOUT_ENV not in os.environ  # only the child gets it
+    monkeypatch.setenv(blas.TIMEOUT_ENV, "26")
+    blas.maybe_reexec_with_openblas(["specstream"])
+    assert calls[-1][2][blas.TIMEOUT_ENV] == "26"  # the user's own value wins
 
 
 def test_reexecuted_child_restores_the_users_environment(monkeypatch):
@@ -92,7 +98,7 @@ def test_reexecuted_child_restores_the_users_environment(monkeypatch):
 def test_fix_hints():
     assert blas.fix_hint(_info("openblas")) is None
     with_lib = blas.fix_hint(_info("reference"))
-    assert "export LD_PRELOAD=/usr/lib/libopenblas.so.0" in with_lib
+    assert "export LD_PRELOAD=/usr/lib/libopenblas.so.0 OPENBLAS_THREAD_TIMEOUT=23`" in with_lib
     assert "apt-get install libopenblas0-pthread" in blas.fix_hint(_info("reference", system=None))
     assert blas.fix_hint(_info("reference", reference=None)) is None
 
@@ -122,7 +128,8 @@ def test_matmul_gflops_measures_something():
 
 
 def _doctor(env_changes: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("_SPECSTREAM")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_PRELOAD", blas.TIMEOUT_ENV) and not k.startswith("_SPECSTREAM")}
     env.pop(blas.OPT_OUT_ENV, None)
     env.update(env_changes)
     out = subprocess.run([sys.executable, "-m", "mlx_specstream", "doctor", "--json", "--size", "256"],
@@ -135,6 +142,7 @@ def _doctor(env_changes: dict) -> dict:
 def test_specstream_command_preloads_openblas_by_itself():
     report = _doctor({})
     assert report["blas"]["kind"] == "openblas" and report["blas"]["preloaded_by"] == "specstream"
+    assert report["blas"]["openblas_thread_timeout"] == blas.THREAD_TIMEOUT
     assert report["advice"] == []
     opted_out = _doctor({blas.OPT_OUT_ENV: "1"})
     assert opted_out["blas"]["kind"] == "reference" and opted_out["blas"]["preloaded_by"] is None
@@ -147,6 +155,11 @@ def test_specstream_command_preloads_openblas_by_itself():
 def test_user_preload_is_detected_and_not_repeated():
     report = _doctor({"LD_PRELOAD": SYSTEM_OPENBLAS})
     assert report["blas"]["kind"] == "openblas" and report["blas"]["preloaded_by"] == "LD_PRELOAD"
+    assert report["blas"]["openblas_thread_timeout"] is None
+    # a user who preloads OpenBLAS without the timeout is told how to add it
+    assert [tip for tip in report["advice"] if f"{blas.TIMEOUT_ENV}={blas.THREAD_TIMEOUT}" in tip]
+    timed = _doctor({"LD_PRELOAD": SYSTEM_OPENBLAS, blas.TIMEOUT_ENV: "23"})
+    assert timed["blas"]["openblas_thread_timeout"] == "23" and timed["advice"] == []
 
 
 @needs_openblas

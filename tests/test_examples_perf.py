@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -103,10 +104,11 @@ def test_graph_ops_counts_the_compiled_steps_primitives(monkeypatch):
     assert sum(tree.values()) > sum(ar.values())  # streams, acceptance and drafting on top
 
 
-def _run_perf_script(name: str, env_changes: dict[str, str]) -> str:
-    """Run examples/perf/NAME.py in a fresh interpreter on a small run; its stdout."""
-    args = _small_run_args()
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+def _run_perf_script(name: str, env_changes: dict[str, str], extra: Sequence[str] = ()) -> str:
+    """Run examples/perf/NAME.py in a fresh interpreter on a small run (``extra`` arguments after
+    it), without this environment's BLAS settings; its stdout."""
+    args = [*_small_run_args(), *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OPENBLAS_THREAD_TIMEOUT")}
     env.update(env_changes)
     done = subprocess.run([sys.executable, str(PERF / f"{name}.py"), *args], env=env, capture_output=True,
                           text=True, timeout=300)
@@ -138,3 +140,15 @@ def test_blas_choice_routes_products_between_two_libraries_in_one_process(monkey
     assert len(cells) == 1 + 6
     assert all(float(c) > 0 for c in cells[1:])
     assert "6 outputs were not all the same: 0 of 2" in out
+
+
+def test_blas_timeout_compares_two_copies_of_openblas_in_one_process(monkeypatch):
+    monkeypatch.syspath_prepend(str(PERF))
+    blas_choice = importlib.import_module("blas_choice")
+    if shutil.which("gcc") is None or not os.path.exists(blas_choice.DEFAULT_LARGE):
+        pytest.skip("needs gcc and Debian's libopenblas0-pthread")
+    out = _run_perf_script("blas_timeout", {}, extra=["--gap", "0.01"])
+    cells = _first_round(out)
+    assert len(cells) == 1 + 4 + 2
+    assert all(float(c) > 0 for c in cells[1:5])
+    assert "4 outputs were not all the same: 0 of 2" in out

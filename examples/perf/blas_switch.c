@@ -28,11 +28,22 @@ static sgemm_fn load_sgemm(const char *path) {
     return f;
 }
 
+/* Load one side (0: small, 1: large); 0 on success. A library reads its environment when it
+ * loads, so a caller can change the environment between the two sides (blas_timeout.py). */
+int blas_switch_load_one(int large, const char *path) {
+    sgemm_fn f = load_sgemm(path);
+    if (large)
+        large_sgemm = f;
+    else
+        small_sgemm = f;
+    return f != NULL ? 0 : -1;
+}
+
 /* 0 on success; call once, before the first product. */
 int blas_switch_load(const char *small_path, const char *large_path) {
-    small_sgemm = load_sgemm(small_path);
-    large_sgemm = load_sgemm(large_path);
-    return (small_sgemm != NULL && large_sgemm != NULL) ? 0 : -1;
+    int small_ok = blas_switch_load_one(0, small_path);
+    int large_ok = blas_switch_load_one(1, large_path);
+    return (small_ok == 0 && large_ok == 0) ? 0 : -1;
 }
 
 void blas_switch_set_rows(int rows) { small_rows = rows; }
