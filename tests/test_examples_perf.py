@@ -129,12 +129,18 @@ def test_blas_threads_ab_switches_openblas_threads_without_changing_outputs():
     assert "were not all the same: 0 of 2" in out
 
 
-def test_blas_choice_routes_products_between_two_libraries_in_one_process(monkeypatch):
+def _needs_blas_switch(monkeypatch, *libraries: str) -> None:
+    """Skip unless gcc (to build blas_switch.c) and blas_choice's ``libraries`` (names of its
+    default paths) are here."""
     monkeypatch.syspath_prepend(str(PERF))
-    blas_choice = importlib.import_module("blas_choice")  # its defaults; the run is a fresh interpreter
-    libs = [blas_choice.DEFAULT_SMALL, blas_choice.DEFAULT_LARGE]
-    if shutil.which("gcc") is None or not all(os.path.exists(p) for p in libs):
-        pytest.skip("needs gcc, Debian's libblis4-pthread and libopenblas0-pthread")
+    blas_choice = importlib.import_module("blas_choice")  # its defaults; the runs are fresh interpreters
+    paths = [getattr(blas_choice, name) for name in libraries]
+    if shutil.which("gcc") is None or not all(os.path.exists(p) for p in paths):
+        pytest.skip(f"needs gcc and {', '.join(paths)} (Debian: libblis4-pthread, libopenblas0-pthread)")
+
+
+def test_blas_choice_routes_products_between_two_libraries_in_one_process(monkeypatch):
+    _needs_blas_switch(monkeypatch, "DEFAULT_SMALL", "DEFAULT_LARGE")
     out = _run_perf_script("blas_choice", {})
     cells = _first_round(out)
     assert len(cells) == 1 + 6
@@ -143,10 +149,7 @@ def test_blas_choice_routes_products_between_two_libraries_in_one_process(monkey
 
 
 def test_blas_timeout_compares_two_copies_of_openblas_in_one_process(monkeypatch):
-    monkeypatch.syspath_prepend(str(PERF))
-    blas_choice = importlib.import_module("blas_choice")
-    if shutil.which("gcc") is None or not os.path.exists(blas_choice.DEFAULT_LARGE):
-        pytest.skip("needs gcc and Debian's libopenblas0-pthread")
+    _needs_blas_switch(monkeypatch, "DEFAULT_LARGE")
     out = _run_perf_script("blas_timeout", {}, extra=["--gap", "0.01"])
     cells = _first_round(out)
     assert len(cells) == 1 + 4 + 2

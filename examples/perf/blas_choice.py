@@ -97,9 +97,6 @@ def run_settings(args, switch) -> None:
     prompts = encoded_prompts(model, tokenizer, args.data, args.num_samples)
     run = switched_runner(model, eos, args.max_tokens, settings, switch.blas_switch_set_rows)
 
-    for name in settings:  # trace every step kind and cache size first
-        for p in prompts[:5]:
-            run(name, p)
     print("| round | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings))
     for r, tps, differ in interleaved_rounds(list(settings), prompts, run, args.rounds):
         print(f"| {r} | " + " | ".join(f"{v:.1f}" for v in tps.values()) + " |", flush=True)

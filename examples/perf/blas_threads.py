@@ -53,9 +53,6 @@ def main() -> None:
     prompts = encoded_prompts(model, tokenizer, args.data, args.num_samples)
     run = switched_runner(model, eos, args.max_tokens, SETTINGS, set_threads)
 
-    for name in SETTINGS:  # trace every step kind and cache size first
-        for p in prompts[:5]:
-            run(name, p)
     print("| round | " + " | ".join(SETTINGS) + " | SS/AR 1 thread | SS/AR 2 threads | best SS / best AR |\n|---|"
           + "---|" * (len(SETTINGS) + 3))
     for r, tps, differ in interleaved_rounds(list(SETTINGS), prompts, run, args.rounds):

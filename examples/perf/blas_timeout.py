@@ -25,8 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from mlx_specstream.blas import TIMEOUT_ENV
+
 HERE = Path(__file__).resolve().parent
-TIMEOUT_ENV = "OPENBLAS_THREAD_TIMEOUT"
 
 
 def load_copies(switch, library: str, timeout: int, folder: str) -> None:
@@ -89,12 +90,9 @@ def run_settings(args, switch) -> None:
         switch.blas_switch_set_rows(rows)
 
     run = switched_runner(model, eos, args.max_tokens, settings, switch_after_gap)
-    for name in settings:  # trace every step kind and cache size first
-        for p in prompts[:3]:
-            run(name, p)
     t = f"timeout {args.timeout}"
     print("| round | " + " | ".join(settings) + f" | SS/AR default | SS/AR {t} |\n|---|" + "---|" * (len(settings) + 2))
-    for r, tps, differ in interleaved_rounds(list(settings), prompts, run, args.rounds):
+    for r, tps, differ in interleaved_rounds(list(settings), prompts, run, args.rounds, warmup=3):
         ratios = [tps[f"SS, {s}"] / tps[f"AR, {s}"] for s in ("default (28)", t)]
         print(f"| {r} | " + " | ".join(f"{v:.1f}" for v in tps.values()) + " | "
               + " | ".join(f"{x:.2f}x" for x in ratios) + " |", flush=True)

@@ -76,9 +76,6 @@ def main() -> None:
         flag, speculate = SETTINGS[name]
         return generation(models[flag], prompt, eos, args.max_tokens, speculate)
 
-    for name in SETTINGS:  # trace every step kind and cache size first
-        for p in prompts[:5]:
-            run(name, p)
     print("| round | " + " | ".join(SETTINGS) + " | SS/AR separate | SS/AR fused |\n|---|" + "---|" * (len(SETTINGS) + 2))
     for r, tps, differ in interleaved_rounds(list(SETTINGS), prompts, run, args.rounds):
         ratios = [tps[f"SS, {e}"] / tps[f"AR, {e}"] for e in ("separate", "fused")]

@@ -59,11 +59,15 @@ def encoded_prompts(model, tokenizer, data: str, num_samples: int) -> list[mx.ar
     return [mx.array(tokenizer.encode(format_prompt(model, ex.prompt)), dtype=mx.int32) for ex in examples]
 
 
-def interleaved_rounds(names: list[str], prompts: list[mx.array], run, rounds: int):
+def interleaved_rounds(names: list[str], prompts: list[mx.array], run, rounds: int, warmup: int = 5):
     """Time every setting on every prompt, ``rounds`` times over; each prompt starts with the
-    next setting in turn. ``run(name, prompt)`` returns ``(tokens, decode seconds)``. Yields
-    ``(round, {name: cumulative decode tokens/s}, prompts whose outputs differed so far)`` after
-    each round."""
+    next setting in turn. ``run(name, prompt)`` returns ``(tokens, decode seconds)``. First runs
+    every setting untimed on the first ``warmup`` prompts (traces every step kind and cache
+    size). Yields ``(round, {name: cumulative decode tokens/s}, prompts whose outputs differed
+    so far)`` after each round."""
+    for name in names:
+        for p in prompts[:warmup]:
+            run(name, p)
     totals = {name: [0, 0.0] for name in names}
     differ = 0
     for r in range(1, rounds + 1):

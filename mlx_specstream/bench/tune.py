@@ -56,7 +56,7 @@ from ..generate import generate_step
 from ..sampling import SamplingParams
 from ..tree import Tree, cartesian_tree, parse_tree_spec, sparse_tree
 from .baselines import Mode, ours, param_bytes
-from .runner import decode_rates, measure, speedups
+from .runner import measure, speedups, summarize
 
 MAX_NODES = 32  # largest tree considered
 MAX_RANK = 8  # ranks >= this count as "not drafted"
@@ -284,14 +284,11 @@ def time_finalists(model, prompts: Sequence[list[int]], trees: Sequence[str], ma
     modes = [Mode("ar", ours(model, greedy, speculate=False), weights)]
     modes += [Mode(spec, ours(model, greedy, tree=parse_tree_spec(spec)), weights) for spec in trees]
     runs = measure(modes, prompts, max_tokens=max_tokens, repeats=rounds or FINAL_ROUNDS, eos=eos)
-    out = []
-    for spec in trees:
-        steps = [a for rep in runs[spec] for r in rep for a in r.accepted]
-        tokens = sum(r.decode_tokens for rep in runs[spec] for r in rep)
-        out.append(dict(tree=spec, speedup=statistics.median(speedups(runs[spec], runs["ar"])),
-                        ss_tokens_per_sec=statistics.median(decode_rates(runs[spec])),
-                        tokens_per_step=tokens / len(steps) if steps else 0.0))
-    return statistics.median(decode_rates(runs["ar"])), out
+    stats = {m.name: summarize(m, runs[m.name]) for m in modes}
+    out = [dict(tree=spec, speedup=statistics.median(speedups(runs[spec], runs["ar"])),
+                ss_tokens_per_sec=stats[spec]["decode_tokens_per_sec"], tokens_per_step=stats[spec]["tokens_per_step"])
+           for spec in trees]
+    return stats["ar"]["decode_tokens_per_sec"], out
 
 
 def tune_tree(model, prompts: Sequence[list[int]], max_tokens: int, eos: set[int],
