@@ -60,6 +60,11 @@ def _timeout_text(value: Any) -> str:
     return f"threads spin 2^{value or 28} cycles after work" + ("" if value else " (OpenBLAS's default)")
 
 
+def _choice_line(b: dict[str, Any]) -> str:
+    auto = f"{b['recommended']} on this {b['cpu_vendor'] or 'unknown'} CPU" if b["recommended"] else "no fast BLAS found"
+    return f"SPECSTREAM_BLAS={b['choice']}" + (f": {auto}" if b["choice"] == "auto" else f" (auto: {auto})")
+
+
 def _exp_line(exp: dict[str, Any]) -> str:
     how = "2 ** (x log2 e) through power" if exp["via_power"] else "MLX's native exp"
     why = f"SPECSTREAM_POW_EXP={exp['override']}" if exp["override"] else "chosen for this host"
@@ -93,6 +98,10 @@ def collect(size: int = 1024, compare: bool = False) -> dict[str, Any]:
             "preloaded_by": "specstream" if info.via_reexec else ("LD_PRELOAD" if info.preloaded else None),
             "openblas_thread_timeout": info.thread_timeout,  # OPENBLAS_THREAD_TIMEOUT (None: OpenBLAS's 28)
             "system_openblas": info.system_openblas,
+            "system_mkl": info.system_mkl,  # an MKL runtime (libmkl_rt) that could be preloaded
+            "cpu_vendor": info.cpu_vendor,
+            "choice": os.environ.get(blas.CHOICE_ENV) or "auto",  # SPECSTREAM_BLAS
+            "recommended": info.recommended[0] if info.recommended else None,  # what "auto" preloads here
             "mlx_reference_blas": info.mlx_reference_blas,
             "opt_out": os.environ.get(blas.OPT_OUT_ENV, "") not in ("", "0"),
         },
@@ -132,16 +141,28 @@ def advice(report: dict[str, Any], info: Any) -> list[str]:
                 f"{blas.OPT_OUT_ENV} is set, so MLX runs on its slow reference BLAS; unset it for ~30x faster "
                 "float32 matmul."
             )
-        elif info.system_openblas is None:
+        elif info.recommended is None:
             tips.append(
-                f"Install OpenBLAS ({blas.INSTALL_HINT}); specstream then preloads it by itself "
-                "(~30x faster float32 matmul)."
+                f"Install OpenBLAS ({blas.INSTALL_HINT}) or, on an Intel CPU, MKL ({blas.MKL_INSTALL_HINT}); "
+                "specstream then preloads it by itself (~30x faster float32 matmul)."
             )
         else:
             tips.append(
-                f"MLX runs on its slow reference BLAS. The specstream command preloads OpenBLAS by itself; "
-                f"in your own Python programs run `{blas.preload_command(info.system_openblas)}` first."
+                f"MLX runs on its slow reference BLAS. The specstream command preloads {info.recommended[0]} by "
+                f"itself; in your own Python programs run `{blas.preload_command(info.recommended[1])}` first."
             )
+    elif (report["blas"]["kind"] == "openblas" and info.recommended and info.recommended[0] == "mkl"
+          and report["blas"]["preloaded_by"] == "LD_PRELOAD"):
+        tips.append(
+            "MKL is installed and decodes faster than OpenBLAS on Intel CPUs (BENCHMARKS.md, \"MKL on an Intel host\"): "
+            f"run `{blas.preload_command(info.recommended[1])}` instead (the specstream command picks it by itself)."
+        )
+    if (sys.platform.startswith("linux") and info.cpu_vendor == "GenuineIntel" and info.system_mkl is None
+            and report["blas"]["kind"] != "mkl"):
+        tips.append(
+            f"On this Intel CPU, MKL decodes faster than OpenBLAS: {blas.MKL_INSTALL_HINT} "
+            "(or install this package with its mkl extra); specstream then preloads it by itself."
+        )
     if report["blas"]["kind"] == "openblas" and not report["blas"]["openblas_thread_timeout"]:
         tips.append(
             f"OpenBLAS's idle threads spin for ~0.1 s after each multi-threaded product and slow decoding "
@@ -175,6 +196,8 @@ def doctor(
         ("BLAS", f"{b['kind']}{how}: {b['library'] or 'not found'}"
                  + (f", {_timeout_text(b['openblas_thread_timeout'])}" if b["kind"] == "openblas" else "")),
         ("system OpenBLAS", b["system_openblas"] or "none found"),
+        ("MKL", b["system_mkl"] or "none found"),
+        ("choice", _choice_line(b)),
         ("matmul", f"{m['gflops']:.1f} GFLOP/s (float32, {m['n']}x{m['n']})"),
         ("exp", _exp_line(report["exp"])),
     ]

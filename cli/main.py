@@ -64,13 +64,13 @@ def _register() -> None:
 _register()
 
 
-# Commands that do not run MLX matmuls: no OpenBLAS re-exec. Training runs PyTorch, and an
+# Commands that do not run MLX matmuls: no BLAS re-exec. Training runs PyTorch, and an
 # OpenBLAS preloaded into it takes over torch's BLAS calls too (measured 2.4x slower steps).
 NO_PRELOAD_COMMANDS = {"train", "export"}
 
 
 def wants_fast_blas(args: list[str]) -> bool:
-    """Whether ``specstream ARGS`` should run with OpenBLAS preloaded (see NO_PRELOAD_COMMANDS)."""
+    """Whether ``specstream ARGS`` should run with a fast BLAS preloaded (see NO_PRELOAD_COMMANDS)."""
     if not args or {"-h", "--help", "--version"} & set(args):  # help needs no fast BLAS
         return False
     command = next((a for a in args if not a.startswith("-")), None)
@@ -79,14 +79,18 @@ def wants_fast_blas(args: list[str]) -> bool:
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Console entry point: exits the process. With ``argv`` (tests) returns the exit code
-    instead and skips the OpenBLAS re-exec."""
+    instead and skips the BLAS re-exec."""
     if argv is not None:
         return common.run_app(app, list(argv))
     args = sys.argv[1:]
     if wants_fast_blas(args):
-        from mlx_specstream.blas import maybe_reexec_with_openblas
+        from mlx_specstream.blas import maybe_reexec_with_fast_blas
 
-        maybe_reexec_with_openblas()
+        try:
+            maybe_reexec_with_fast_blas()
+        except ValueError as e:  # an unknown SPECSTREAM_BLAS
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     sys.exit(common.run_app(app, args))
 
 

@@ -1,14 +1,23 @@
-"""Which BLAS MLX's CPU back-end calls, how fast it is, and the OpenBLAS fast path on Linux.
+"""Which BLAS MLX's CPU back-end calls, how fast it is, and the fast BLAS path on Linux.
 
 MLX's Linux CPU wheel links a bundled *reference* BLAS (``mlx_cpu.libs/libblas-*.so``): a float32
-1024x1024 matmul runs at ~8 GFLOP/s. A system OpenBLAS exports the same CBLAS symbols, so
-preloading it (``LD_PRELOAD``) makes the dynamic linker bind MLX's ``cblas_sgemm`` to OpenBLAS
-instead (~250 GFLOP/s on the same machine), and tree verification becomes cheap.
+1024x1024 matmul runs at ~8 GFLOP/s. A system OpenBLAS, or Intel's MKL runtime
+(``libmkl_rt``), exports the same CBLAS symbols, so preloading it (``LD_PRELOAD``) makes the
+dynamic linker bind MLX's ``cblas_sgemm`` to it instead (~250 GFLOP/s on the same machine),
+and tree verification becomes cheap.
+
+Which one: ``SPECSTREAM_BLAS`` = ``auto`` (default), ``mkl`` or ``openblas``. ``auto`` takes MKL
+on Intel CPUs when it is installed (``pip install mkl``, or the ``mkl`` extra of this package):
+on a 2-core Intel Xeon VM it made plain decoding of the demo 28% faster than OpenBLAS and
+speculative decoding 40% faster, its few-row products gaining the most (BENCHMARKS.md, "MKL on
+an Intel host"); elsewhere (AMD: not measured) OpenBLAS, then MKL if it is the only one found.
+With MKL, keep MLX on one stream: a second thread calling MKL slowed every later product in
+the process (the same section).
 
 The preload has to be in the environment before the process starts, so:
 
-* the ``specstream`` command re-executes itself once with OpenBLAS preloaded
-  (:func:`maybe_reexec_with_openblas`; opt out with ``SPECSTREAM_NO_OPENBLAS=1``);
+* the ``specstream`` command re-executes itself once with that BLAS preloaded
+  (:func:`maybe_reexec_with_fast_blas`; opt out with ``SPECSTREAM_NO_OPENBLAS=1``);
 * library users get one warning with the exact command to run (:func:`warn_if_slow_blas`).
 
 A BLAS the user preloads themselves (OpenBLAS, BLIS, MKL, ...) is left alone: on some hosts
@@ -41,6 +50,9 @@ from typing import Optional
 
 OPT_OUT_ENV = "SPECSTREAM_NO_OPENBLAS"  # "1": never re-exec, never warn
 PATH_ENV = "SPECSTREAM_OPENBLAS"  # explicit path to a libopenblas.so to preload
+MKL_PATH_ENV = "SPECSTREAM_MKL"  # explicit path to a libmkl_rt.so to preload
+CHOICE_ENV = "SPECSTREAM_BLAS"  # which BLAS the specstream command preloads
+CHOICES = ("auto", "mkl", "openblas")
 TIMEOUT_ENV = "OPENBLAS_THREAD_TIMEOUT"  # read by OpenBLAS once, when it loads: spin 2^value cycles
 THREAD_TIMEOUT = "23"  # ours (module docstring); OpenBLAS's default is 28
 # Set in the re-executed child only: guards against loops and remembers the user's LD_PRELOAD.
@@ -61,6 +73,11 @@ OPENBLAS_CANDIDATES = (
     "/usr/lib/libopenblas.so.0",
 )
 INSTALL_HINT = "sudo apt-get install libopenblas0-pthread"  # Debian / Ubuntu
+MKL_INSTALL_HINT = "pip install mkl"
+# Where MKL's single dynamic runtime lives: the environment's own lib folder (the PyPI wheel),
+# the user's (pip --user), Debian's intel-mkl package, oneAPI's default install.
+_MKL_GLOBS = ("{prefix}/lib/libmkl_rt.so*", "{user}/lib/libmkl_rt.so*",
+              "/usr/lib/x86_64-linux-gnu/libmkl_rt.so*", "/opt/intel/oneapi/mkl/latest/lib*/libmkl_rt.so*")
 
 _warned = False
 
@@ -76,6 +93,13 @@ class BlasInfo:
     thread_timeout: Optional[str]  # OPENBLAS_THREAD_TIMEOUT in this process's environment
     system_openblas: Optional[str]  # a system OpenBLAS that could be preloaded
     mlx_reference_blas: Optional[str]  # the reference BLAS bundled with the MLX CPU wheel
+    system_mkl: Optional[str] = None  # an MKL runtime that could be preloaded
+    cpu_vendor: Optional[str] = None  # /proc/cpuinfo's vendor_id: "GenuineIntel", "AuthenticAMD", ...
+
+    @property
+    def recommended(self) -> Optional[tuple[str, str]]:
+        """``(kind, path)`` the ``auto`` choice would preload here, or None."""
+        return choose_blas("auto", self.cpu_vendor, self.system_mkl, self.system_openblas)
 
     @property
     def fast(self) -> bool:
@@ -91,6 +115,50 @@ def find_system_openblas() -> Optional[str]:
         if os.path.isfile(path):
             return path
     return None
+
+
+def find_mkl() -> Optional[str]:
+    """Path of an MKL runtime (``libmkl_rt.so``), or None. ``$SPECSTREAM_MKL`` wins."""
+    explicit = os.environ.get(MKL_PATH_ENV)
+    if explicit:
+        return explicit if os.path.isfile(explicit) else None
+    import site
+
+    for pattern in _MKL_GLOBS:
+        hits = sorted(glob.glob(pattern.format(prefix=sys.prefix, user=site.getuserbase())))
+        hits = [h for h in hits if os.path.isfile(h)]
+        if hits:
+            return hits[-1]  # the newest soname: libmkl_rt.so.3 over libmkl_rt.so.2
+    return None
+
+
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
+    """The CPU's vendor_id ("GenuineIntel", "AuthenticAMD", ...), or None where there is none."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def choose_blas(choice: str, vendor: Optional[str], mkl: Optional[str], openblas: Optional[str]
+                ) -> Optional[tuple[str, str]]:
+    """``(kind, path)`` of the BLAS to preload for ``choice`` (one of :data:`CHOICES`), or None
+    (pure: unit-tested). ``auto``: MKL on Intel CPUs, else OpenBLAS, else MKL."""
+    if choice not in CHOICES:
+        raise ValueError(f"{CHOICE_ENV}={choice!r} is not one of {', '.join(CHOICES)}; unset it for 'auto'.")
+    if choice == "mkl":
+        return ("mkl", mkl) if mkl else None
+    if choice == "openblas":
+        return ("openblas", openblas) if openblas else None
+    if mkl and vendor == "GenuineIntel":
+        return "mkl", mkl
+    if openblas:
+        return "openblas", openblas
+    return ("mkl", mkl) if mkl else None
 
 
 def mlx_reference_blas() -> Optional[str]:
@@ -192,6 +260,8 @@ def blas_info(load_mlx: bool = True) -> BlasInfo:
         thread_timeout=os.environ.get(TIMEOUT_ENV),
         system_openblas=find_system_openblas() if sys.platform.startswith("linux") else None,
         mlx_reference_blas=mlx_reference_blas(),
+        system_mkl=find_mkl() if sys.platform.startswith("linux") else None,
+        cpu_vendor=cpu_vendor() if sys.platform.startswith("linux") else None,
     )
 
 
@@ -212,43 +282,53 @@ def matmul_gflops(n: int = 1024, repeats: int = 3, dtype: str = "float32") -> fl
 
 
 def preload_command(path: Optional[str] = None) -> str:
-    """The shell line that makes a Python process use OpenBLAS, its threads sleeping soon after
-    their work (module docstring), for messages."""
+    """The shell line that makes a Python process use the BLAS at ``path`` (default: a system
+    OpenBLAS), OpenBLAS's threads sleeping soon after their work (module docstring), for messages."""
     path = path or find_system_openblas() or OPENBLAS_CANDIDATES[0]
-    return f"export LD_PRELOAD={path} {TIMEOUT_ENV}={THREAD_TIMEOUT}"
+    extra = f" {TIMEOUT_ENV}={THREAD_TIMEOUT}" if _classify(path) == "openblas" else ""
+    return f"export LD_PRELOAD={path}{extra}"
+
+
+def preload_env(kind: str) -> dict[str, str]:
+    """Environment the re-exec adds beside the preload (the user's own values win)."""
+    return {TIMEOUT_ENV: THREAD_TIMEOUT} if kind == "openblas" else {}
 
 
 def fix_hint(info: BlasInfo) -> Optional[str]:
     """What the user should do about a slow BLAS, or None when nothing is needed."""
     if info.fast or not sys.platform.startswith("linux") or info.mlx_reference_blas is None:
         return None
-    if info.system_openblas is None:
+    picked = info.recommended
+    if picked is None:
         return (
-            f"MLX is using its slow reference BLAS. Install OpenBLAS ({INSTALL_HINT}); "
-            "the specstream command then preloads it automatically."
+            f"MLX is using its slow reference BLAS. Install OpenBLAS ({INSTALL_HINT}) or, on an "
+            f"Intel CPU, MKL ({MKL_INSTALL_HINT}); the specstream command then preloads it automatically."
         )
     return (
         "MLX is using its slow reference BLAS (~30x slower float32 matmul). "
-        f"Run `{preload_command(info.system_openblas)}` before starting Python "
+        f"Run `{preload_command(picked[1])}` before starting Python "
         "(the specstream command does this by itself)."
     )
 
 
-def _should_reexec(environ: dict[str, str], platform: str) -> Optional[str]:
-    """The OpenBLAS path to preload by re-executing, or None (pure: unit-tested)."""
+def _should_reexec(environ: dict[str, str], platform: str) -> Optional[tuple[str, str]]:
+    """``(kind, path)`` of the BLAS to preload by re-executing, or None (unit-tested; raises
+    ValueError for an unknown ``SPECSTREAM_BLAS``)."""
     if not platform.startswith("linux"):
         return None
     if environ.get(OPT_OUT_ENV, "") not in ("", "0") or environ.get(_REEXEC_ENV):
         return None
     if _preloaded_blas(environ):  # the user chose a BLAS (OpenBLAS, BLIS, MKL, ...): keep it
         return None
+    choice = environ.get(CHOICE_ENV, "").strip().lower() or "auto"
     if mlx_reference_blas() is None:  # not the reference-BLAS CPU wheel: nothing to gain
         return None
-    return find_system_openblas()
+    return choose_blas(choice, cpu_vendor(), find_mkl(), find_system_openblas())
 
 
-def maybe_reexec_with_openblas(argv: Optional[list[str]] = None) -> None:
-    """Re-execute this process with OpenBLAS preloaded when that helps (Linux ``specstream`` only).
+def maybe_reexec_with_fast_blas(argv: Optional[list[str]] = None) -> None:
+    """Re-execute this process with a fast BLAS preloaded when that helps (Linux ``specstream``
+    only; which one: module docstring).
 
     Called first thing by the CLI, before MLX is imported. In the re-executed child it restores
     the user's own ``LD_PRELOAD`` in ``os.environ`` so subprocesses are not affected
@@ -260,16 +340,18 @@ def maybe_reexec_with_openblas(argv: Optional[list[str]] = None) -> None:
             os.environ.pop("LD_PRELOAD", None)
         else:
             os.environ["LD_PRELOAD"] = original
-        return  # _REEXEC_ENV stays set: blas_info reports how OpenBLAS got here
-    path = _should_reexec(dict(os.environ), sys.platform)
-    if path is None:
+        return  # _REEXEC_ENV stays set: blas_info reports how the BLAS got here
+    picked = _should_reexec(dict(os.environ), sys.platform)
+    if picked is None:
         return
+    kind, path = picked
     env = dict(os.environ)
     original = env.get("LD_PRELOAD")
     if original is not None:
         env[_ORIG_PRELOAD_ENV] = original
     env["LD_PRELOAD"] = f"{path}:{original}" if original else path
-    env.setdefault(TIMEOUT_ENV, THREAD_TIMEOUT)  # the user's own value wins
+    for key, value in preload_env(kind).items():
+        env.setdefault(key, value)  # the user's own value wins
     env[_REEXEC_ENV] = "1"
     args = argv if argv is not None else list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     sys.stdout.flush()

@@ -36,13 +36,15 @@ def test_classify():
 
 
 def test_should_reexec_rules(monkeypatch):
+    ob = ("openblas", "/usr/lib/libopenblas.so.0")
     monkeypatch.setattr(blas, "mlx_reference_blas", lambda: "/site/mlx_cpu.libs/libblas.so")
-    monkeypatch.setattr(blas, "find_system_openblas", lambda: "/usr/lib/libopenblas.so.0")
-    assert blas._should_reexec({}, "linux") == "/usr/lib/libopenblas.so.0"
-    assert blas._should_reexec({"LD_PRELOAD": "/lib/libjemalloc.so"}, "linux") == "/usr/lib/libopenblas.so.0"
+    monkeypatch.setattr(blas, "find_system_openblas", lambda: ob[1])
+    monkeypatch.setattr(blas, "find_mkl", lambda: None)
+    assert blas._should_reexec({}, "linux") == ob
+    assert blas._should_reexec({"LD_PRELOAD": "/lib/libjemalloc.so"}, "linux") == ob
     assert blas._should_reexec({}, "darwin") is None
     assert blas._should_reexec({blas.OPT_OUT_ENV: "1"}, "linux") is None
-    assert blas._should_reexec({blas.OPT_OUT_ENV: "0"}, "linux") == "/usr/lib/libopenblas.so.0"
+    assert blas._should_reexec({blas.OPT_OUT_ENV: "0"}, "linux") == ob
     assert blas._should_reexec({blas._REEXEC_ENV: "1"}, "linux") is None  # never loops
     assert blas._should_reexec({"LD_PRELOAD": "/opt/libopenblas.so"}, "linux") is None  # user did it already
     for own in ("/usr/lib/x86_64-linux-gnu/blis-pthread/libblas.so.3", "/opt/intel/libmkl_rt.so.2",
@@ -51,8 +53,49 @@ def test_should_reexec_rules(monkeypatch):
     monkeypatch.setattr(blas, "find_system_openblas", lambda: None)
     assert blas._should_reexec({}, "linux") is None
     monkeypatch.setattr(blas, "mlx_reference_blas", lambda: None)  # e.g. a wheel with a real BLAS
-    monkeypatch.setattr(blas, "find_system_openblas", lambda: "/usr/lib/libopenblas.so.0")
+    monkeypatch.setattr(blas, "find_system_openblas", lambda: ob[1])
     assert blas._should_reexec({}, "linux") is None
+
+
+def test_auto_prefers_mkl_on_intel_and_the_choice_can_be_forced(monkeypatch):
+    mkl, ob = "/venv/lib/libmkl_rt.so.3", "/usr/lib/libopenblas.so.0"
+    monkeypatch.setattr(blas, "mlx_reference_blas", lambda: "/site/mlx_cpu.libs/libblas.so")
+    monkeypatch.setattr(blas, "find_system_openblas", lambda: ob)
+    monkeypatch.setattr(blas, "find_mkl", lambda: mkl)
+    for vendor, auto in (("GenuineIntel", ("mkl", mkl)), ("AuthenticAMD", ("openblas", ob)), (None, ("openblas", ob))):
+        monkeypatch.setattr(blas, "cpu_vendor", lambda v=vendor: v)
+        assert blas._should_reexec({}, "linux") == auto
+        assert blas._should_reexec({blas.CHOICE_ENV: "auto"}, "linux") == auto
+        assert blas._should_reexec({blas.CHOICE_ENV: "MKL"}, "linux") == ("mkl", mkl)
+        assert blas._should_reexec({blas.CHOICE_ENV: "openblas"}, "linux") == ("openblas", ob)
+    with pytest.raises(ValueError, match="SPECSTREAM_BLAS='atlas' is not one of auto, mkl, openblas"):
+        blas._should_reexec({blas.CHOICE_ENV: "atlas"}, "linux")
+    # only one of them installed: auto takes it; a forced choice that is missing preloads nothing
+    assert blas.choose_blas("auto", "AuthenticAMD", mkl, None) == ("mkl", mkl)
+    assert blas.choose_blas("auto", "GenuineIntel", None, ob) == ("openblas", ob)
+    assert blas.choose_blas("mkl", "GenuineIntel", None, ob) is None
+    assert blas.choose_blas("auto", "GenuineIntel", None, None) is None
+
+
+def test_find_mkl_and_cpu_vendor(monkeypatch, tmp_path):
+    lib = tmp_path / "libmkl_rt.so.3"
+    lib.write_bytes(b"")
+    monkeypatch.setenv(blas.MKL_PATH_ENV, str(lib))
+    assert blas.find_mkl() == str(lib)
+    monkeypatch.setenv(blas.MKL_PATH_ENV, str(tmp_path / "missing.so"))
+    assert blas.find_mkl() is None
+    monkeypatch.delenv(blas.MKL_PATH_ENV)
+    monkeypatch.setattr(blas.sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(blas, "_MKL_GLOBS", ("{prefix}/lib/libmkl_rt.so*",))
+    (tmp_path / "lib").mkdir()
+    assert blas.find_mkl() is None
+    for name in ("libmkl_rt.so.2", "libmkl_rt.so.3"):
+        (tmp_path / "lib" / name).write_bytes(b"")
+    assert blas.find_mkl() == str(tmp_path / "lib" / "libmkl_rt.so.3")  # the newest soname
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\n")
+    assert blas.cpu_vendor(str(cpuinfo)) == "GenuineIntel"
+    assert blas.cpu_vendor(str(tmp_path / "none")) is None
 
 
 def test_explicit_openblas_path(monkeypatch, tmp_path):
@@ -66,12 +109,12 @@ def test_explicit_openblas_path(monkeypatch, tmp_path):
 
 def test_reexec_builds_the_preloaded_environment(monkeypatch):
     calls = []
-    monkeypatch.setattr(blas, "_should_reexec", lambda env, platform: "/usr/lib/libopenblas.so.0")
+    monkeypatch.setattr(blas, "_should_reexec", lambda env, platform: ("openblas", "/usr/lib/libopenblas.so.0"))
     monkeypatch.setattr(blas.os, "execve", lambda path, args, env: calls.append((path, args, env)))
     monkeypatch.setenv("LD_PRELOAD", "/lib/libmine.so")
     monkeypatch.delenv(blas._REEXEC_ENV, raising=False)
     monkeypatch.delenv(blas.TIMEOUT_ENV, raising=False)
-    blas.maybe_reexec_with_openblas(["specstream", "generate", "--prompt", "hi"])
+    blas.maybe_reexec_with_fast_blas(["specstream", "generate", "--prompt", "hi"])
     (path, args, env), = calls
     assert path == sys.executable and args == [sys.executable, "generate", "--prompt", "hi"]
     assert env["LD_PRELOAD"] == "/usr/lib/libopenblas.so.0:/lib/libmine.so"
@@ -79,8 +122,13 @@ def test_reexec_builds_the_preloaded_environment(monkeypatch):
     assert env[blas.TIMEOUT_ENV] == blas.THREAD_TIMEOUT == "23"  # OpenBLAS threads sleep after ~3 ms, not ~0.1 s
     assert blas.TIMEOUT_ENV not in os.environ  # only the child gets it
     monkeypatch.setenv(blas.TIMEOUT_ENV, "26")
-    blas.maybe_reexec_with_openblas(["specstream"])
+    blas.maybe_reexec_with_fast_blas(["specstream"])
     assert calls[-1][2][blas.TIMEOUT_ENV] == "26"  # the user's own value wins
+    monkeypatch.delenv(blas.TIMEOUT_ENV)
+    monkeypatch.setattr(blas, "_should_reexec", lambda env, platform: ("mkl", "/venv/lib/libmkl_rt.so.3"))
+    blas.maybe_reexec_with_fast_blas(["specstream"])
+    assert calls[-1][2]["LD_PRELOAD"] == "/venv/lib/libmkl_rt.so.3:/lib/libmine.so"
+    assert blas.TIMEOUT_ENV not in calls[-1][2]  # nothing OpenBLAS-specific for MKL
 
 
 def test_reexecuted_child_restores_the_users_environment(monkeypatch):
@@ -88,19 +136,24 @@ def test_reexecuted_child_restores_the_users_environment(monkeypatch):
     monkeypatch.setenv(blas._REEXEC_ENV, "1")
     monkeypatch.setenv(blas._ORIG_PRELOAD_ENV, "/lib/libmine.so")
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libopenblas.so.0:/lib/libmine.so")
-    blas.maybe_reexec_with_openblas(["specstream"])
+    blas.maybe_reexec_with_fast_blas(["specstream"])
     assert os.environ["LD_PRELOAD"] == "/lib/libmine.so" and blas._ORIG_PRELOAD_ENV not in os.environ
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libopenblas.so.0")
-    blas.maybe_reexec_with_openblas(["specstream"])
+    blas.maybe_reexec_with_fast_blas(["specstream"])
     assert "LD_PRELOAD" not in os.environ  # subprocesses of specstream see what the user had
 
 
 def test_fix_hints():
+    import dataclasses
+
     assert blas.fix_hint(_info("openblas")) is None
     with_lib = blas.fix_hint(_info("reference"))
     assert "export LD_PRELOAD=/usr/lib/libopenblas.so.0 OPENBLAS_THREAD_TIMEOUT=23`" in with_lib
-    assert "apt-get install libopenblas0-pthread" in blas.fix_hint(_info("reference", system=None))
+    nothing = blas.fix_hint(_info("reference", system=None))
+    assert "apt-get install libopenblas0-pthread" in nothing and "pip install mkl" in nothing
     assert blas.fix_hint(_info("reference", reference=None)) is None
+    intel = dataclasses.replace(_info("reference"), system_mkl="/venv/lib/libmkl_rt.so.3", cpu_vendor="GenuineIntel")
+    assert "`export LD_PRELOAD=/venv/lib/libmkl_rt.so.3` before" in blas.fix_hint(intel)
 
 
 def test_library_warning_once_with_the_fix(monkeypatch):
@@ -140,15 +193,37 @@ def _doctor(env_changes: dict) -> dict:
 
 @needs_openblas
 def test_specstream_command_preloads_openblas_by_itself():
-    report = _doctor({})
+    report = _doctor({blas.CHOICE_ENV: "openblas"})
     assert report["blas"]["kind"] == "openblas" and report["blas"]["preloaded_by"] == "specstream"
     assert report["blas"]["openblas_thread_timeout"] == blas.THREAD_TIMEOUT
     assert report["advice"] == []
-    opted_out = _doctor({blas.OPT_OUT_ENV: "1"})
+    opted_out = _doctor({blas.OPT_OUT_ENV: "1", blas.CHOICE_ENV: "openblas"})
     assert opted_out["blas"]["kind"] == "reference" and opted_out["blas"]["preloaded_by"] is None
     assert any(blas.OPT_OUT_ENV in tip for tip in opted_out["advice"])
     # OpenBLAS is far faster; a loose bound keeps the test stable on a busy machine
     assert report["matmul"]["gflops"] > 3 * opted_out["matmul"]["gflops"]
+
+
+@pytest.mark.skipif(not (LINUX and REFERENCE and (SYSTEM_OPENBLAS or blas.find_mkl())),
+                    reason="needs Linux, mlx[cpu]'s reference BLAS and OpenBLAS or MKL")
+def test_specstream_command_preloads_what_auto_chooses():
+    want = blas.choose_blas("auto", blas.cpu_vendor(), blas.find_mkl(), SYSTEM_OPENBLAS)
+    report = _doctor({})
+    assert (report["blas"]["kind"], report["blas"]["recommended"]) == (want[0], want[0])
+    assert report["blas"]["preloaded_by"] == "specstream" and report["blas"]["choice"] == "auto"
+    assert report["advice"] == [] or (want[0] == "openblas" and all("MKL" in tip for tip in report["advice"]))
+    assert report["matmul"]["gflops"] > 50  # a real BLAS, not the reference one (~8 here)
+
+
+def test_unknown_blas_choice_is_an_error_that_names_the_choices():
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("_SPECSTREAM")}
+    env[blas.CHOICE_ENV] = "atlas"
+    out = subprocess.run([sys.executable, "-c", "import sys; from mlx_specstream.cli.main import main; "
+                          "sys.argv = ['specstream', 'doctor']; main()"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    if not (LINUX and REFERENCE):
+        pytest.skip("the BLAS choice is read only where a preload can help")
+    assert out.returncode == 2 and "SPECSTREAM_BLAS='atlas' is not one of auto, mkl, openblas" in out.stderr
 
 
 @needs_openblas
@@ -159,14 +234,15 @@ def test_user_preload_is_detected_and_not_repeated():
     # a user who preloads OpenBLAS without the timeout is told how to add it
     assert [tip for tip in report["advice"] if f"{blas.TIMEOUT_ENV}={blas.THREAD_TIMEOUT}" in tip]
     timed = _doctor({"LD_PRELOAD": SYSTEM_OPENBLAS, blas.TIMEOUT_ENV: "23"})
-    assert timed["blas"]["openblas_thread_timeout"] == "23" and timed["advice"] == []
+    assert timed["blas"]["openblas_thread_timeout"] == "23"
+    assert [tip for tip in timed["advice"] if "MKL" not in tip] == []  # (MKL is suggested on Intel CPUs)
 
 
 @needs_openblas
 def test_blas_info_in_this_process_names_the_library():
     info = blas.blas_info()
     assert info.provider and os.path.exists(info.provider)
-    assert info.kind in ("openblas", "reference")
+    assert info.kind in ("openblas", "mkl", "reference")
 
 
 def test_doctor_reports_how_exps_are_computed():
