@@ -141,3 +141,16 @@ def test_bad_input_is_one_clear_line(files, capsys, args, message):
 def test_help_has_the_example(capsys):
     code, out, _ = run(capsys, "bench", "--help")
     assert code == 0 and "Example: specstream bench" in " ".join(out.split())
+
+
+def test_mlx_lm_baselines_run_on_our_stream():
+    """mlx-lm's generators get the default stream (with MKL, a second BLAS-calling thread slows
+    every later product); a generator without a ``stream`` argument gets nothing."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step, speculative_generate_step
+
+    from mlx_specstream.bench.baselines import _on_our_stream
+
+    for fn in (generate_step, speculative_generate_step):
+        assert _on_our_stream(fn) == {"stream": mx.default_stream(mx.default_device())}
+    assert _on_our_stream(lambda prompt, model: None) == {}

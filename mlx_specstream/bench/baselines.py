@@ -9,11 +9,17 @@ its first verification), each later step one target-model forward pass that emit
 * ``lookup``: prompt lookup drafts (:class:`~mlx_specstream.lookup.PromptLookup`) through our verifier;
 * ``mlx-lm``: ``mlx_lm.generate.generate_step`` on the same directory loaded by ``mlx_lm.load``;
 * ``draft:DIR``: ``mlx_lm.generate.speculative_generate_step`` with the model in ``DIR`` drafting.
+
+mlx-lm's steps run on the stream our own modes run on, not on mlx-lm's own stream: on a CPU a
+stream is a worker thread, and with MKL a second thread calling BLAS slowed every later
+product in the process, ours and mlx-lm's, by ~45% (BENCHMARKS.md, "MKL on an Intel host");
+the device is the same either way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -69,6 +75,13 @@ def ours(model, sampling: SamplingParams, tree=None, speculate: bool = True, dra
     return steps
 
 
+def _on_our_stream(fn) -> dict:
+    """Keyword arguments that run mlx-lm's generator ``fn`` on the default stream (module docstring)."""
+    if "stream" in inspect.signature(fn).parameters:
+        return {"stream": mx.default_stream(mx.default_device())}
+    return {}
+
+
 def _mlx_lm_sampler(sampling: SamplingParams):
     from mlx_lm.sample_utils import make_sampler
 
@@ -82,7 +95,8 @@ def mlx_lm_ar(lm_model, sampling: SamplingParams) -> StepFn:
     sampler = _mlx_lm_sampler(sampling)
 
     def steps(ids: list[int], max_tokens: int):
-        for tok, _ in lm_generate_step(mx.array(ids), lm_model, max_tokens=max_tokens, sampler=sampler):
+        for tok, _ in lm_generate_step(mx.array(ids), lm_model, max_tokens=max_tokens, sampler=sampler,
+                                       **_on_our_stream(lm_generate_step)):
             yield [int(tok)], 0
 
     return steps
@@ -97,7 +111,8 @@ def mlx_lm_draft(lm_model, draft_model, sampling: SamplingParams, num_draft: int
     def steps(ids: list[int], max_tokens: int):
         pending: list[int] = []
         gen = speculative_generate_step(mx.array(ids), lm_model, draft_model, num_draft_tokens=num_draft,
-                                        max_tokens=max_tokens, sampler=sampler)
+                                        max_tokens=max_tokens, sampler=sampler,
+                                        **_on_our_stream(speculative_generate_step))
         try:
             for tok, _, from_draft in gen:
                 pending.append(int(tok))
