@@ -91,6 +91,18 @@ def test_fused_ab_prints_four_speeds_two_ratios_and_no_differing_outputs(monkeyp
     assert all(float(c) > 0 for c in cells[1:5])
     assert "were not all the same: 0 of 2" in out
 
+@pytest.mark.parametrize("tree", ["1,1", "2,1"])
+def test_split_pass_step_emits_and_drafts_what_the_joint_step_does(monkeypatch, tree):
+    monkeypatch.syspath_prepend(str(PERF))
+    split_pass = importlib.import_module("split_pass")
+    spec = SpecStreamConfig(num_streams=2, num_msa_layers=2, stream_init="linear", stream_init_rank=4)
+    model = random_model(tiny_config("llama"), spec, seed=4)
+    r = split_pass.compare(model, tree, context=20, repeats=1)
+    assert r["same"] and r["joint"] > 0 and r["split"] > 0
+    nodes = 3 if tree == "1,1" else 5
+    assert (r["nodes"], r["joint_rows"], r["split_rows"]) == (nodes, nodes * 3, nodes + 2)
+
+
 def test_graph_ops_counts_the_compiled_steps_primitives(monkeypatch):
     monkeypatch.syspath_prepend(str(PERF))
     graph_ops = importlib.import_module("graph_ops")

@@ -52,7 +52,7 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _prepared_step(model, tree: str, context: int, compile: bool):
+def prepared_step(model, tree: str, context: int, compile: bool):
     """``(step function, its arguments, tree nodes, tokens in the MSA layers)`` for one decoding
     step of ``tree`` ("ar" or a tree spec) after ``context`` committed tokens."""
     vocab = model.base.args.vocab_size
@@ -79,13 +79,13 @@ def step_runner(model, tree: str, context: int = CONTEXT, compile: bool = True):
     """``(run, tree nodes, tokens in the MSA layers)`` for one decoding step of ``tree`` ("ar" or
     a tree spec) after ``context`` committed tokens: ``run()`` executes that step to completion
     as the generator runs it, on the same inputs every time (a steady loop)."""
-    fn, step_args, nodes, new = _prepared_step(model, tree, context, compile)
+    fn, step_args, nodes, new = prepared_step(model, tree, context, compile)
     return (lambda: mx.eval(fn(*step_args))), nodes, new
 
 
 def step_outputs(model, tree: str, context: int = CONTEXT, compile: bool = True) -> tuple:
     """The (lazy, unevaluated) outputs of one such step: its graph, for inspection."""
-    fn, step_args, _, _ = _prepared_step(model, tree, context, compile)
+    fn, step_args, _, _ = prepared_step(model, tree, context, compile)
     return fn(*step_args)
 
 
