@@ -78,13 +78,7 @@ def test_auto_prefers_mkl_on_intel_and_the_choice_can_be_forced(monkeypatch):
 
 
 def test_find_mkl_and_cpu_vendor(monkeypatch, tmp_path):
-    lib = tmp_path / "libmkl_rt.so.3"
-    lib.write_bytes(b"")
-    monkeypatch.setenv(blas.MKL_PATH_ENV, str(lib))
-    assert blas.find_mkl() == str(lib)
-    monkeypatch.setenv(blas.MKL_PATH_ENV, str(tmp_path / "missing.so"))
-    assert blas.find_mkl() is None
-    monkeypatch.delenv(blas.MKL_PATH_ENV)
+    monkeypatch.delenv(blas.MKL_PATH_ENV, raising=False)
     monkeypatch.setattr(blas.sys, "prefix", str(tmp_path))
     monkeypatch.setattr(blas, "_MKL_GLOBS", ("{prefix}/lib/libmkl_rt.so*",))
     (tmp_path / "lib").mkdir()
@@ -98,13 +92,15 @@ def test_find_mkl_and_cpu_vendor(monkeypatch, tmp_path):
     assert blas.cpu_vendor(str(tmp_path / "none")) is None
 
 
-def test_explicit_openblas_path(monkeypatch, tmp_path):
-    lib = tmp_path / "libopenblas.so.0"
+@pytest.mark.parametrize("env, find, name", [(blas.PATH_ENV, "find_system_openblas", "libopenblas.so.0"),
+                                             (blas.MKL_PATH_ENV, "find_mkl", "libmkl_rt.so.3")])
+def test_explicit_library_paths(monkeypatch, tmp_path, env, find, name):
+    lib = tmp_path / name
     lib.write_bytes(b"")
-    monkeypatch.setenv(blas.PATH_ENV, str(lib))
-    assert blas.find_system_openblas() == str(lib)
-    monkeypatch.setenv(blas.PATH_ENV, str(tmp_path / "missing.so"))
-    assert blas.find_system_openblas() is None
+    monkeypatch.setenv(env, str(lib))
+    assert getattr(blas, find)() == str(lib)
+    monkeypatch.setenv(env, str(tmp_path / "missing.so"))
+    assert getattr(blas, find)() is None
 
 
 def test_reexec_builds_the_preloaded_environment(monkeypatch):
