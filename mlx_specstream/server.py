@@ -54,7 +54,9 @@ class Job:
 class Engine:
     """One worker thread runs queued jobs one at a time, in order."""
 
-    def __init__(self, generate_fn: GenerateFn, queue_size: int):
+    def __init__(self, generate_fn: GenerateFn, queue_size: int, warm_up: Optional[Callable[[], None]] = None):
+        """``warm_up`` runs first, on the worker thread; the constructor waits for it and
+        re-raises its error."""
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}.")
         self.generate_fn = generate_fn
@@ -64,8 +66,12 @@ class Engine:
         self.busy = False
         self.current: Optional[Job] = None
         self._lock = threading.Lock()
+        self._warm_up, self._warmed, self._warm_error = warm_up, threading.Event(), None
         self._worker = threading.Thread(target=self._run, name="specstream-generate", daemon=True)
         self._worker.start()
+        self._warmed.wait()
+        if self._warm_error is not None:
+            raise self._warm_error
 
     def submit(self, job: Job) -> bool:
         """Queue ``job``; False when the queue is full."""
@@ -98,6 +104,14 @@ class Engine:
             self.counts[key] += 1
 
     def _run(self) -> None:
+        try:
+            if self._warm_up is not None:
+                self._warm_up()
+        except Exception as exc:  # re-raised by the constructor
+            self._warm_error = exc
+            return
+        finally:
+            self._warmed.set()
         while True:
             job = self.jobs.get()
             if job is None:
@@ -394,6 +408,7 @@ class SpecStreamServer(ThreadingHTTPServer):
         self, address: tuple[str, int], generate_fn: GenerateFn, encode_fn: EncodeFn, model_id: str,
         context: int, queue_size: int, default_max_tokens: int, max_tokens_limit: Optional[int],
         max_body_bytes: int, vocab_size: Optional[int], verbose: bool,
+        warm_up: Optional[Callable[[], None]] = None,
     ):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -407,7 +422,11 @@ class SpecStreamServer(ThreadingHTTPServer):
         self.vocab_size = vocab_size
         self.verbose = verbose
         self.created = int(time.time())
-        self.engine = Engine(generate_fn, queue_size)
+        try:
+            self.engine = Engine(generate_fn, queue_size, warm_up)
+        except BaseException:
+            self.socket.close()  # bound above: a failed warm-up leaves no port behind
+            raise
 
     @property
     def url(self) -> str:
@@ -464,11 +483,14 @@ def create_server(
     max_body_bytes: int = 1 << 20,
     vocab_size: Optional[int] = None,
     verbose: bool = False,
+    warm_up: Optional[Callable[[], None]] = None,
 ) -> SpecStreamServer:
     """A bound (not yet serving) server; call ``serve_forever()``, then ``shutdown()`` and
-    ``server_close()``. ``port=0`` picks a free port (see ``server.url``)."""
+    ``server_close()``. ``port=0`` picks a free port (see ``server.url``). ``warm_up`` runs on
+    the generation thread before the server is returned."""
     return SpecStreamServer((host, port), generate_fn, encode_fn, model_id, context, queue_size,
-                            default_max_tokens, max_tokens_limit, max_body_bytes, vocab_size, verbose)
+                            default_max_tokens, max_tokens_limit, max_body_bytes, vocab_size, verbose,
+                            warm_up)
 
 
 def server_for_model(model: Any, tokenizer: Any, model_id: str, **kwargs: Any) -> SpecStreamServer:
@@ -481,19 +503,24 @@ def server_for_model(model: Any, tokenizer: Any, model_id: str, **kwargs: Any) -
     def encode_fn(prompt: Any) -> list[int]:
         return encode_prompt(tokenizer, prompt)
 
-    _warm_up(generate_fn, tokenizer)
+    import mlx.core as mx
+
+    mx.eval(model.parameters())  # nothing lazy from this thread is left for the generation thread
     base = getattr(model, "base", model)
     vocab = getattr(getattr(base, "args", None), "vocab_size", None)
     kwargs.setdefault("vocab_size", vocab if isinstance(vocab, int) else None)
+    kwargs.setdefault("warm_up", lambda: _warm_up(generate_fn, tokenizer))
     return create_server(generate_fn, encode_fn, model_id, **kwargs)
 
 
 def _warm_up(generate_fn: GenerateFn, tokenizer: Any) -> None:
-    """Run a short generation in the loading thread before the worker thread takes over.
+    """A short generation on the generation thread before the first request, so one-time
+    set-up (compiled steps, buffers) stays out of its latency.
 
-    MLX streams are per thread: an array built lazily while loading (e.g. rotary tables) cannot
-    be evaluated from another thread. Evaluating everything once here detaches such arrays;
-    it also keeps one-time set-up cost out of the first request's latency.
+    Only that thread runs matmuls. With MKL, a warm-up on the loading thread made it a second
+    thread calling BLAS, and every later generation ran at half speed (BENCHMARKS.md, "MKL on
+    an Intel host"). MLX streams are per thread, so the loading thread evaluates the model's
+    parameters instead (:func:`server_for_model`): nothing lazy from it is left here.
     """
     ids = list(tokenizer.encode("Hello"))[:4] or [0]
     try:

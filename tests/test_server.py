@@ -130,6 +130,37 @@ def wait_for(predicate, timeout=5.0):
 # --------------------------------------------------------------------------- happy paths
 
 
+def test_warm_up_runs_on_the_generation_thread_first_and_its_error_is_raised():
+    """Only the generation thread runs the model (with MKL, a second thread calling BLAS halved
+    every later generation's speed), warm-up included, and before the first request."""
+    model, threads = FakeModel(), []
+    generate = model.generate
+
+    def record(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return generate(*args, **kwargs)
+
+    server = create_server(record, encode, "tiny", port=0, context=CONTEXT,
+                           warm_up=lambda: threads.append(("warm-up", threading.current_thread())))
+    assert threads and threads[0][0] == "warm-up"  # done by the time the server exists
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        status, _, _ = request(server, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert status == 200
+        assert threads[1] is threads[0][1] and threads[1] is not threading.current_thread()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    def broken():
+        raise RuntimeError("warm-up failed: the model does not fit")
+
+    with pytest.raises(RuntimeError, match="warm-up failed"):
+        create_server(record, encode, "tiny", port=0, warm_up=broken)
+
+
 def test_binds_loopback_by_default():
     server = create_server(lambda ids, **kw: iter(()), encode, "m", port=0)
     try:
