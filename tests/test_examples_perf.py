@@ -167,3 +167,27 @@ def test_blas_timeout_compares_two_copies_of_openblas_in_one_process(monkeypatch
     assert len(cells) == 1 + 4 + 2
     assert all(float(c) > 0 for c in cells[1:5])
     assert "4 outputs were not all the same: 0 of 2" in out
+
+
+def test_serve_decode_reads_the_decode_rate_a_server_reports(monkeypatch):
+    import threading
+
+    from test_server import FakeModel, encode
+
+    from mlx_specstream.server import create_server
+
+    monkeypatch.syspath_prepend(str(PERF))
+    serve_decode = importlib.import_module("serve_decode")
+    assert serve_decode.decode_rate([{"completion_tokens": 11, "decode_tokens_per_sec": 100.0},
+                                     {"completion_tokens": 21, "decode_tokens_per_sec": 400.0},
+                                     {"completion_tokens": 1, "decode_tokens_per_sec": 0.0}]) == pytest.approx(200.0)
+    server = create_server(FakeModel().generate, encode, "tiny", port=0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        usage = serve_decode.complete(server.server_address[1], "tiny", "hello", 6)
+        assert usage["completion_tokens"] == 6 and usage["decode_tokens_per_sec"] > 0
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
