@@ -100,7 +100,7 @@ def collect(size: int = 1024, compare: bool = False) -> dict[str, Any]:
             "system_openblas": info.system_openblas,
             "system_mkl": info.system_mkl,  # an MKL runtime (libmkl_rt) that could be preloaded
             "cpu_vendor": info.cpu_vendor,
-            "choice": os.environ.get(blas.CHOICE_ENV) or "auto",  # SPECSTREAM_BLAS
+            "choice": blas.choice_from(os.environ),  # SPECSTREAM_BLAS
             "recommended": info.recommended[0] if info.recommended else None,  # what "auto" preloads here
             "mlx_reference_blas": info.mlx_reference_blas,
             "opt_out": os.environ.get(blas.OPT_OUT_ENV, "") not in ("", "0"),

@@ -144,6 +144,11 @@ def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> Optional[str]:
     return None
 
 
+def choice_from(environ: dict[str, str]) -> str:
+    """``SPECSTREAM_BLAS`` of ``environ``, normalised (unset or empty: ``auto``); not validated."""
+    return environ.get(CHOICE_ENV, "").strip().lower() or "auto"
+
+
 def choose_blas(choice: str, vendor: Optional[str], mkl: Optional[str], openblas: Optional[str]
                 ) -> Optional[tuple[str, str]]:
     """``(kind, path)`` of the BLAS to preload for ``choice`` (one of :data:`CHOICES`), or None
@@ -320,10 +325,9 @@ def _should_reexec(environ: dict[str, str], platform: str) -> Optional[tuple[str
         return None
     if _preloaded_blas(environ):  # the user chose a BLAS (OpenBLAS, BLIS, MKL, ...): keep it
         return None
-    choice = environ.get(CHOICE_ENV, "").strip().lower() or "auto"
     if mlx_reference_blas() is None:  # not the reference-BLAS CPU wheel: nothing to gain
         return None
-    return choose_blas(choice, cpu_vendor(), find_mkl(), find_system_openblas())
+    return choose_blas(choice_from(environ), cpu_vendor(), find_mkl(), find_system_openblas())
 
 
 def maybe_reexec_with_fast_blas(argv: Optional[list[str]] = None) -> None:

@@ -94,9 +94,10 @@ def mlx_lm_ar(lm_model, sampling: SamplingParams) -> StepFn:
 
     sampler = _mlx_lm_sampler(sampling)
 
+    stream = _on_our_stream(lm_generate_step)
+
     def steps(ids: list[int], max_tokens: int):
-        for tok, _ in lm_generate_step(mx.array(ids), lm_model, max_tokens=max_tokens, sampler=sampler,
-                                       **_on_our_stream(lm_generate_step)):
+        for tok, _ in lm_generate_step(mx.array(ids), lm_model, max_tokens=max_tokens, sampler=sampler, **stream):
             yield [int(tok)], 0
 
     return steps
@@ -108,11 +109,12 @@ def mlx_lm_draft(lm_model, draft_model, sampling: SamplingParams, num_draft: int
 
     sampler = _mlx_lm_sampler(sampling)
 
+    stream = _on_our_stream(speculative_generate_step)
+
     def steps(ids: list[int], max_tokens: int):
         pending: list[int] = []
         gen = speculative_generate_step(mx.array(ids), lm_model, draft_model, num_draft_tokens=num_draft,
-                                        max_tokens=max_tokens, sampler=sampler,
-                                        **_on_our_stream(speculative_generate_step))
+                                        max_tokens=max_tokens, sampler=sampler, **stream)
         try:
             for tok, _, from_draft in gen:
                 pending.append(int(tok))
