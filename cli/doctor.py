@@ -99,6 +99,7 @@ def collect(size: int = 1024, compare: bool = False) -> dict[str, Any]:
             "openblas_thread_timeout": info.thread_timeout,  # OPENBLAS_THREAD_TIMEOUT (None: OpenBLAS's 28)
             "system_openblas": info.system_openblas,
             "system_mkl": info.system_mkl,  # an MKL runtime (libmkl_rt) that could be preloaded
+            "system_blis": info.system_blis,  # a BLIS that SPECSTREAM_BLAS=blis would preload
             "cpu_vendor": info.cpu_vendor,
             "choice": blas.choice_from(os.environ),  # SPECSTREAM_BLAS
             "recommended": info.recommended[0] if info.recommended else None,  # what "auto" preloads here
@@ -197,6 +198,7 @@ def doctor(
                  + (f", {_timeout_text(b['openblas_thread_timeout'])}" if b["kind"] == "openblas" else "")),
         ("system OpenBLAS", b["system_openblas"] or "none found"),
         ("MKL", b["system_mkl"] or "none found"),
+        ("BLIS", b["system_blis"] or "none found"),
         ("choice", _choice_line(b)),
         ("matmul", f"{m['gflops']:.1f} GFLOP/s (float32, {m['n']}x{m['n']})"),
         ("exp", _exp_line(report["exp"])),

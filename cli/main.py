@@ -88,7 +88,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
         try:
             maybe_reexec_with_fast_blas()
-        except ValueError as e:  # an unknown SPECSTREAM_BLAS
+        except ValueError as e:  # an unknown SPECSTREAM_BLAS, or a named one that is missing
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
     sys.exit(common.run_app(app, args))

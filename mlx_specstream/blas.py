@@ -6,13 +6,17 @@ MLX's Linux CPU wheel links a bundled *reference* BLAS (``mlx_cpu.libs/libblas-*
 dynamic linker bind MLX's ``cblas_sgemm`` to it instead (~250 GFLOP/s on the same machine),
 and tree verification becomes cheap.
 
-Which one: ``SPECSTREAM_BLAS`` = ``auto`` (default), ``mkl`` or ``openblas``. ``auto`` takes MKL
-on Intel CPUs when it is installed (``pip install mkl``, or the ``mkl`` extra of this package):
-on a 2-core Intel Xeon VM it made plain decoding of the demo 28% faster than OpenBLAS and
-speculative decoding 40% faster, its few-row products gaining the most (BENCHMARKS.md, "MKL on
-an Intel host"); elsewhere (AMD: not measured) OpenBLAS, then MKL if it is the only one found.
-With MKL, keep MLX on one stream: a second thread calling MKL slowed every later product in
-the process (the same section).
+Which one: ``SPECSTREAM_BLAS`` = ``auto`` (default), ``mkl``, ``openblas`` or ``blis``. ``auto``
+takes MKL on Intel CPUs when it is installed (``pip install mkl``, or the ``mkl`` extra of this
+package): on a 2-core Intel Xeon VM it made plain decoding of the demo 28% faster than OpenBLAS
+and speculative decoding 40% faster, its few-row products gaining the most (BENCHMARKS.md, "MKL
+on an Intel host"); elsewhere OpenBLAS (on an AMD EPYC VM MKL decoded 9-25% slower than
+OpenBLAS: "A slower AMD EPYC host"), then MKL if it is the only one found. With MKL, keep MLX
+on one stream: a second thread calling MKL slowed every later product in the process ("MKL on
+an Intel host"). ``blis`` (Debian's ``libblis4-pthread``, one thread) is never picked by
+``auto``: on the AMD EPYC VMs it decoded 31-60% faster than OpenBLAS without speculation and
+at the same speed with it, but its single thread halves the speed of large products (long
+prompts) against OpenBLAS's two ("Which BLAS").
 
 The preload has to be in the environment before the process starts, so:
 
@@ -51,8 +55,9 @@ from typing import Optional
 OPT_OUT_ENV = "SPECSTREAM_NO_OPENBLAS"  # "1": never re-exec, never warn
 PATH_ENV = "SPECSTREAM_OPENBLAS"  # explicit path to a libopenblas.so to preload
 MKL_PATH_ENV = "SPECSTREAM_MKL"  # explicit path to a libmkl_rt.so to preload
+BLIS_PATH_ENV = "SPECSTREAM_BLIS"  # explicit path to a CBLAS-exporting libblis.so to preload
 CHOICE_ENV = "SPECSTREAM_BLAS"  # which BLAS the specstream command preloads
-CHOICES = ("auto", "mkl", "openblas")
+CHOICES = ("auto", "mkl", "openblas", "blis")
 TIMEOUT_ENV = "OPENBLAS_THREAD_TIMEOUT"  # read by OpenBLAS once, when it loads: spin 2^value cycles
 THREAD_TIMEOUT = "23"  # ours (module docstring); OpenBLAS's default is 28
 # Set in the re-executed child only: guards against loops and remembers the user's LD_PRELOAD.
@@ -73,6 +78,18 @@ OPENBLAS_CANDIDATES = (
     "/usr/lib/libopenblas.so.0",
 )
 INSTALL_HINT = "sudo apt-get install libopenblas0-pthread"  # Debian / Ubuntu
+# Debian's BLIS builds export CBLAS; the pthread build runs one thread unless BLIS_NUM_THREADS says more.
+BLIS_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/blis-pthread/libblis.so.4",
+    "/usr/lib/aarch64-linux-gnu/blis-pthread/libblis.so.4",
+    "/usr/lib/x86_64-linux-gnu/blis-openmp/libblis.so.4",
+    "/usr/lib/aarch64-linux-gnu/blis-openmp/libblis.so.4",
+    "/usr/lib/x86_64-linux-gnu/blis-serial/libblis.so.4",
+    "/usr/lib/aarch64-linux-gnu/blis-serial/libblis.so.4",
+    "/usr/lib64/libblis.so.4",
+    "/usr/lib/libblis.so.4",
+)
+BLIS_INSTALL_HINT = "sudo apt-get install libblis4-pthread"
 MKL_INSTALL_HINT = "pip install mkl"
 # Where MKL's single dynamic runtime lives: the environment's own lib folder (the PyPI wheel),
 # the user's (pip --user), Debian's intel-mkl package, oneAPI's default install.
@@ -95,6 +112,7 @@ class BlasInfo:
     mlx_reference_blas: Optional[str]  # the reference BLAS bundled with the MLX CPU wheel
     system_mkl: Optional[str] = None  # an MKL runtime that could be preloaded
     cpu_vendor: Optional[str] = None  # /proc/cpuinfo's vendor_id: "GenuineIntel", "AuthenticAMD", ...
+    system_blis: Optional[str] = None  # a BLIS that SPECSTREAM_BLAS=blis would preload
 
     @property
     def recommended(self) -> Optional[tuple[str, str]]:
@@ -106,15 +124,22 @@ class BlasInfo:
         return self.kind in ("openblas", "blis", "accelerate", "mkl")
 
 
-def find_system_openblas() -> Optional[str]:
-    """Path of a system OpenBLAS shared library, or None. ``$SPECSTREAM_OPENBLAS`` wins."""
-    explicit = os.environ.get(PATH_ENV)
+def _first_file(env: str, candidates: tuple[str, ...]) -> Optional[str]:
+    """``$env`` if set (None when it names no file), else the first of ``candidates`` that exists."""
+    explicit = os.environ.get(env)
     if explicit:
         return explicit if os.path.isfile(explicit) else None
-    for path in OPENBLAS_CANDIDATES:
-        if os.path.isfile(path):
-            return path
-    return None
+    return next((path for path in candidates if os.path.isfile(path)), None)
+
+
+def find_system_openblas() -> Optional[str]:
+    """Path of a system OpenBLAS shared library, or None. ``$SPECSTREAM_OPENBLAS`` wins."""
+    return _first_file(PATH_ENV, OPENBLAS_CANDIDATES)
+
+
+def find_blis() -> Optional[str]:
+    """Path of a system BLIS shared library, or None. ``$SPECSTREAM_BLIS`` wins."""
+    return _first_file(BLIS_PATH_ENV, BLIS_CANDIDATES)
 
 
 def find_mkl() -> Optional[str]:
@@ -149,16 +174,15 @@ def choice_from(environ: dict[str, str]) -> str:
     return environ.get(CHOICE_ENV, "").strip().lower() or "auto"
 
 
-def choose_blas(choice: str, vendor: Optional[str], mkl: Optional[str], openblas: Optional[str]
-                ) -> Optional[tuple[str, str]]:
+def choose_blas(choice: str, vendor: Optional[str], mkl: Optional[str], openblas: Optional[str],
+                blis: Optional[str] = None) -> Optional[tuple[str, str]]:
     """``(kind, path)`` of the BLAS to preload for ``choice`` (one of :data:`CHOICES`), or None
-    (pure: unit-tested). ``auto``: MKL on Intel CPUs, else OpenBLAS, else MKL."""
+    (pure: unit-tested). ``auto``: MKL on Intel CPUs, else OpenBLAS, else MKL (never BLIS)."""
     if choice not in CHOICES:
         raise ValueError(f"{CHOICE_ENV}={choice!r} is not one of {', '.join(CHOICES)}; unset it for 'auto'.")
-    if choice == "mkl":
-        return ("mkl", mkl) if mkl else None
-    if choice == "openblas":
-        return ("openblas", openblas) if openblas else None
+    forced = {"mkl": mkl, "openblas": openblas, "blis": blis}
+    if choice in forced:
+        return (choice, forced[choice]) if forced[choice] else None
     if mkl and vendor == "GenuineIntel":
         return "mkl", mkl
     if openblas:
@@ -267,6 +291,7 @@ def blas_info(load_mlx: bool = True) -> BlasInfo:
         mlx_reference_blas=mlx_reference_blas(),
         system_mkl=find_mkl() if sys.platform.startswith("linux") else None,
         cpu_vendor=cpu_vendor() if sys.platform.startswith("linux") else None,
+        system_blis=find_blis() if sys.platform.startswith("linux") else None,
     )
 
 
@@ -316,9 +341,16 @@ def fix_hint(info: BlasInfo) -> Optional[str]:
     )
 
 
+_MISSING_HINTS = {
+    "mkl": f"{MKL_INSTALL_HINT} (or set {MKL_PATH_ENV}=/path/to/libmkl_rt.so)",
+    "openblas": f"{INSTALL_HINT} (or set {PATH_ENV}=/path/to/libopenblas.so)",
+    "blis": f"{BLIS_INSTALL_HINT} (or set {BLIS_PATH_ENV}=/path/to/libblis.so)",
+}
+
+
 def _should_reexec(environ: dict[str, str], platform: str) -> Optional[tuple[str, str]]:
     """``(kind, path)`` of the BLAS to preload by re-executing, or None (unit-tested; raises
-    ValueError for an unknown ``SPECSTREAM_BLAS``)."""
+    ValueError for an unknown ``SPECSTREAM_BLAS``, or a named one that is not installed)."""
     if not platform.startswith("linux"):
         return None
     if environ.get(OPT_OUT_ENV, "") not in ("", "0") or environ.get(_REEXEC_ENV):
@@ -327,7 +359,12 @@ def _should_reexec(environ: dict[str, str], platform: str) -> Optional[tuple[str
         return None
     if mlx_reference_blas() is None:  # not the reference-BLAS CPU wheel: nothing to gain
         return None
-    return choose_blas(choice_from(environ), cpu_vendor(), find_mkl(), find_system_openblas())
+    choice = choice_from(environ)
+    picked = choose_blas(choice, cpu_vendor(), find_mkl(), find_system_openblas(), find_blis())
+    if picked is None and choice != "auto":
+        raise ValueError(f"{CHOICE_ENV}={choice} but no {choice} library was found: {_MISSING_HINTS[choice]}, "
+                         f"or unset {CHOICE_ENV} to let specstream pick.")
+    return picked
 
 
 def maybe_reexec_with_fast_blas(argv: Optional[list[str]] = None) -> None:

@@ -160,6 +160,14 @@ def test_blas_choice_routes_products_between_two_libraries_in_one_process(monkey
     assert "6 outputs were not all the same: 0 of 2" in out
 
 
+def test_blas_choice_names_each_library_by_its_folder_or_its_file(monkeypatch):
+    monkeypatch.syspath_prepend(str(PERF))
+    blas_choice = importlib.import_module("blas_choice")
+    assert blas_choice.library_label("/usr/lib/x86_64-linux-gnu/blis-pthread/libblas.so.3") == "blis-pthread"
+    assert blas_choice.library_label("/home/me/.venv/lib/libmkl_rt.so.3") == "libmkl_rt"
+    assert blas_choice.library_label(f"{blas_choice.LIBDIR}/libopenblas.so.0") == "libopenblas"
+
+
 def test_blas_timeout_compares_two_copies_of_openblas_in_one_process(monkeypatch):
     _needs_blas_switch(monkeypatch, "DEFAULT_LARGE")
     out = _run_perf_script("blas_timeout", {}, extra=["--gap", "0.01"])

@@ -80,13 +80,20 @@ def main() -> None:
     run_settings(args, switch)
 
 
+def library_label(path: str) -> str:
+    """A short name for a BLAS file: Debian's folder ("openblas-pthread", "blis-pthread"),
+    else the file's stem ("libmkl_rt" for ``.venv/lib/libmkl_rt.so.3``)."""
+    p = Path(path)
+    return p.parent.name if p.parent.name not in ("lib", "lib64", LIBDIR.rsplit("/", 1)[-1]) else p.name.split(".so")[0]
+
+
 def run_settings(args, switch) -> None:
     from fused import switched_runner
     from pipeline import encoded_prompts, interleaved_rounds
 
     from mlx_specstream import load
 
-    names = {"large": Path(args.large).parent.name, "small": Path(args.small).parent.name}
+    names = {"large": library_label(args.large), "small": library_label(args.small)}
     settings = {}  # name: (rows limit, speculate)
     for mode, speculate in (("AR", False), ("SS", True)):
         for route, rows in ROUTES.items():
