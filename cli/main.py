@@ -34,6 +34,7 @@ COMMANDS = [
     ("train", "train", "train"),
     ("export", "export", "export"),
     ("bench", "bench", "bench"),
+    ("tune", "tune", "tune"),
     ("serve", "serve", "serve"),
     ("doctor", "doctor", "doctor"),
 ]

@@ -146,3 +146,54 @@ def test_cost_trees_have_the_size_and_depth_asked_for():
     for n, d in [(2, 1), (5, 4), (9, 2), (32, 4)]:
         tree = tune_mod.cost_tree(n, d)
         assert (tree.size, tree.max_depth) == (n, d)
+
+
+def _short_sweep(monkeypatch):
+    monkeypatch.setattr(tune_mod, "MAX_NODES", 8)  # keep the step-cost sweep short on the reference BLAS
+    monkeypatch.setattr(tune_mod, "COST_STEPS", 4)
+    monkeypatch.setattr(tune_mod, "COST_ROUNDS", 1)
+    monkeypatch.setattr(tune_mod, "FINAL_ROUNDS", 1)
+
+
+def test_tune_command_saves_the_choice_and_no_save_leaves_the_model_alone(model_dir, tmp_path, capsys, monkeypatch):
+    _short_sweep(monkeypatch)
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "abcabc"}, {"prompt": "hello hello"}, {"prompt": "zzz"}])
+    before = (d / "config.json").read_bytes()
+    out_json = tmp_path / "t.json"
+    code = main(["tune", "--model", str(d), "--data", str(data), "--num-samples", "2", "--max-tokens", "12",
+                 "--no-save", "--json", str(out_json)])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    r = json.loads(out_json.read_text())
+    assert (d / "config.json").read_bytes() == before and r["saved_to"] is None and "not saved" in out.out
+    assert r["previous_tree"] == "2,1" and r["calibration_prompts"] == 2
+    assert r["finalists"][0]["tree"] == r["tree"] and f"chose tree {r['tree']}" in out.out
+
+    code = main(["tune", "--model", str(d), "--data", str(data), "--num-samples", "2", "--max-tokens", "12",
+                 "--json", "-"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    r = json.loads(out.out)  # '-': only the JSON object on stdout
+    model, _ = load_model(d)
+    assert r["saved_to"] == str(d / "config.json") and model.spec.default_tree == r["tree"]
+    assert resolve_tree(model, None).size == r["size"] <= 8
+    assert sorted(p.name for p in d.iterdir()) == sorted(p.name for p in model_dir.iterdir())  # no temp file left
+
+
+@pytest.mark.parametrize("command", [["tune"], ["bench", "--tune", "--repeats", "1"]])
+def test_tuning_will_not_edit_the_bundled_demo_or_an_unwritable_model(command, model_dir, tmp_path, capsys,
+                                                                      monkeypatch):
+    from mlx_specstream.loading import DEMO_DIR
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "abc"}])
+    before = (DEMO_DIR / "config.json").read_bytes()
+    monkeypatch.setattr(tune_mod, "tune_tree", lambda *a, **k: pytest.fail("tuned before checking the destination"))
+    assert main([*command, "--data", str(data)]) == 1
+    assert "would edit the bundled demo model" in capsys.readouterr().err
+    assert (DEMO_DIR / "config.json").read_bytes() == before
+    # a model folder the tuned tree cannot be written to (faked: root may write anywhere)
+    monkeypatch.setattr(tune_mod, "_writable", lambda path: False)
+    assert main([*command, "--model", str(model_dir), "--data", str(data)]) == 1
+    assert "Cannot write" in capsys.readouterr().err

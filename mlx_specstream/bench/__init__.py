@@ -6,10 +6,10 @@
 * :mod:`.runner`: interleaved timing and the metric conventions;
 * :mod:`.tune`: choosing the draft tree from measured step cost and acceptance;
 * :mod:`.report`: markdown, JSON and plot;
-* :func:`run_bench`: all of it, returning one JSON-ready dict.
+* :func:`run_bench`: all of it, returning one JSON-ready dict; :func:`run_tune`: tuning alone.
 """
 
-from .benchmark import run_bench
+from .benchmark import run_bench, run_tune
 from .data import BenchData, bench_prompt, load_bench_data
 from .metrics import exact_match, rouge
 from .tune import TuneResult, save_default_tree, tune_tree
@@ -22,6 +22,7 @@ __all__ = [
     "load_bench_data",
     "rouge",
     "run_bench",
+    "run_tune",
     "save_default_tree",
     "tune_tree",
 ]

@@ -25,7 +25,7 @@ from .baselines import build_modes, parse_baselines
 from .data import bench_prompt, load_bench_data
 from .metrics import quality
 from .runner import measure, speedups, summarize
-from .tune import save_default_tree, tune_tree
+from .tune import save_default_tree, tree_destination, tune_tree
 
 
 def run_bench(
@@ -65,6 +65,8 @@ def run_bench(
     bench_data = load_bench_data(data, num_samples)
     calib_data = load_bench_data(tune_data, tune_samples) if tune and tune_data else None
     model_dir = resolve_model_path(model)
+    if tune:
+        tree_destination(model_dir)  # before minutes of tuning, not after
     phase = status or (lambda message: contextlib.nullcontext())
 
     with phase(f"Loading {model_dir}"):
@@ -76,9 +78,7 @@ def run_bench(
     tuned = None
     if tune:
         source = calib_data or bench_data
-        calib = [encode_prompt(tokenizer, bench_prompt(mdl, ex, source)) for ex in source.examples[:tune_samples]]
-        with phase(f"Tuning the tree on {len(calib)} calibration prompts"):
-            tuned = tune_tree(mdl, calib, max_tokens, eos)
+        tuned = _tune(mdl, tokenizer, source, tune_samples, max_tokens, eos, phase)
         save_default_tree(model_dir, tuned.tree)
         mdl.spec.default_tree = tuned.tree
     used_tree = resolve_tree(mdl, tree)
@@ -130,6 +130,47 @@ def run_bench(
                               measured_ss_tokens_per_sec=ss["decode_tokens_per_sec"],
                               measured_ar_tokens_per_sec=ar["decode_tokens_per_sec"])
     return result
+
+
+def run_tune(
+    model: Optional[str | os.PathLike],
+    data: str | os.PathLike,
+    *,
+    num_samples: int = 8,
+    max_tokens: int = 128,
+    save: bool = True,
+    status: Optional[Callable[[str], object]] = None,
+) -> dict:
+    """Choose the draft tree of ``model`` on the first ``num_samples`` prompts of ``data``
+    (:func:`.tune.tune_tree`), and with ``save`` write it as the model's default tree.
+
+    Returns the :class:`.tune.TuneResult` fields, ``saved_to`` (the config.json written, or
+    None), ``previous_tree`` (the model's default before) and ``settings``.
+    """
+    if max_tokens < 1 or num_samples < 1:
+        raise ValueError("--max-tokens and --num-samples must be >= 1.")
+    calib_data = load_bench_data(data, num_samples)
+    model_dir = resolve_model_path(model)
+    destination = tree_destination(model_dir) if save else None
+    phase = status or (lambda message: contextlib.nullcontext())
+    with phase(f"Loading {model_dir}"):
+        mdl, tokenizer = load(model_dir)
+    previous = _tree_text(mdl, None)
+    tuned = _tune(mdl, tokenizer, calib_data, num_samples, max_tokens, set(tokenizer.eos_token_ids), phase)
+    if save:
+        save_default_tree(model_dir, tuned.tree)
+    return dict(
+        vars(tuned), saved_to=str(destination) if save else None, previous_tree=previous,
+        settings=dict(model=str(model_dir), data=str(data), format=calib_data.format, max_tokens=max_tokens,
+                      num_streams=mdl.num_streams, device=_device(), blas=_blas_kind()),
+    )
+
+
+def _tune(mdl, tokenizer, data, num_samples: int, max_tokens: int, eos: set[int], phase):
+    """Tune on the first ``num_samples`` prompts of ``data`` (a :class:`.data.BenchData`)."""
+    calib = [encode_prompt(tokenizer, bench_prompt(mdl, ex, data)) for ex in data.examples[:num_samples]]
+    with phase(f"Tuning the tree on {len(calib)} calibration prompts"):
+        return tune_tree(mdl, calib, max_tokens, eos)
 
 
 def _text(tokenizer, tokens: list[int], eos: set[int]) -> str:

@@ -71,25 +71,52 @@ def markdown(result: dict) -> str:
             f"| speedup | {t['expected_speedup']:.2f}x | {t['measured_speedup']:.2f}x |",
             f"| SS decode tok/s | {t['expected_ss_tokens_per_sec']:.1f} | {t['measured_ss_tokens_per_sec']:.1f} |",
             f"| AR decode tok/s | {t['expected_ar_tokens_per_sec']:.1f} | {t['measured_ar_tokens_per_sec']:.1f} |",
-            "",
-            f"- step cost: AR {1e3 * t['step_cost_ar_s']:.2f} ms; tree of n nodes, depth d (d: n ms): "
-            + "; ".join(f"d={d}: " + ", ".join(f"{n}: {1e3 * c:.2f}" for n, c in enumerate(costs, 1)
-                                                if n in (2, 4, 8, 16, 32) and n > int(d))
-                        for d, costs in t["step_cost_s"].items()),
-            "- rank acceptance P(stream j's rank-r token is the main stream's), rows j = 1..: "
-            + "; ".join(" ".join(f"{p:.2f}" for p in row[:4]) for row in t["rank_acceptance"]),
-            "- best candidates by the step-cost model: " + ", ".join(
-                f"{c['tree']} ({c['size']} nodes, {c['tokens_per_step']:.2f} tok/step, {c['speedup']:.2f}x)"
-                for c in t["candidates"][:4]),
-            "- finalists timed in generations from the calibration prompts: " + ", ".join(
-                f"{f['tree']} ({f['speedup']:.2f}x, {f['tokens_per_step']:.2f} tok/step; modelled "
-                f"{f['modelled_speedup']:.2f}x)" for f in t.get("finalists", [])),
         ]
-        if t["expected_speedup"] < 1.0:
-            lines.append(f"- **no tree is expected to beat plain decoding on this device** (best "
-                         f"{t['expected_speedup']:.2f}x): decode without speculation here "
-                         "(`--no-speculate`, `speculate=False`)")
+        lines += ["", *_tune_details(t)]
     return "\n".join(lines)
+
+
+def tune_markdown(result: dict) -> str:
+    """``specstream tune``'s report: the chosen tree, what it is expected to give, and why."""
+    s = result["settings"]
+    saved = f"saved to {result['saved_to']}" if result["saved_to"] else "not saved (--no-save)"
+    lines = [
+        f"## specstream tune: {Path(s['model']).name} on {result['calibration_prompts']} prompts of "
+        f"{Path(s['data']).name}",
+        "",
+        f"**chose tree {result['tree']}** ({result['size']} nodes; the model's default was "
+        f"{result['previous_tree']}), {saved}",
+        f"- expected on the calibration prompts: {result['expected_speedup']:.2f}x, "
+        f"{result['expected_tokens_per_step']:.2f} tokens/step, SS {result['expected_ss_tokens_per_sec']:.1f} "
+        f"vs AR {result['expected_ar_tokens_per_sec']:.1f} decode tokens/s",
+        *_tune_details(result),
+        f"- max tokens {s['max_tokens']}, device {s['device']}, BLAS {s['blas']}; check it with "
+        f"`specstream bench` on other prompts (calibrating on the benchmark's own prompts is optimistic)",
+    ]
+    return "\n".join(lines)
+
+
+def _tune_details(t: dict) -> list[str]:
+    """The measurements behind a tuned tree: step costs, acceptance, candidates, finalists."""
+    lines = [
+        f"- step cost: AR {1e3 * t['step_cost_ar_s']:.2f} ms; tree of n nodes, depth d (d: n ms): "
+        + "; ".join(f"d={d}: " + ", ".join(f"{n}: {1e3 * c:.2f}" for n, c in enumerate(costs, 1)
+                                            if n in (2, 4, 8, 16, 32) and n > int(d))
+                    for d, costs in t["step_cost_s"].items()),
+        "- rank acceptance P(stream j's rank-r token is the main stream's), rows j = 1..: "
+        + "; ".join(" ".join(f"{p:.2f}" for p in row[:4]) for row in t["rank_acceptance"]),
+        "- best candidates by the step-cost model: " + ", ".join(
+            f"{c['tree']} ({c['size']} nodes, {c['tokens_per_step']:.2f} tok/step, {c['speedup']:.2f}x)"
+            for c in t["candidates"][:4]),
+        "- finalists timed in generations from the calibration prompts: " + ", ".join(
+            f"{f['tree']} ({f['speedup']:.2f}x, {f['tokens_per_step']:.2f} tok/step; modelled "
+            f"{f['modelled_speedup']:.2f}x)" for f in t.get("finalists", [])),
+    ]
+    if t["expected_speedup"] < 1.0:
+        lines.append(f"- **no tree is expected to beat plain decoding on this device** (best "
+                     f"{t['expected_speedup']:.2f}x): decode without speculation here "
+                     "(`--no-speculate`, `speculate=False`)")
+    return lines
 
 
 def write_json(result: dict, path: str | os.PathLike) -> None:

@@ -347,6 +347,31 @@ def tune_tree(model, prompts: Sequence[list[int]], max_tokens: int, eos: set[int
     )
 
 
+def tree_destination(model_dir: str | os.PathLike) -> Path:
+    """The config.json that saving a tuned tree rewrites, checked before any tuning starts:
+    not the bundled demo (that would edit the installed package), and writable."""
+    from ..loading import DEMO_DIR
+
+    path = Path(model_dir) / "config.json"
+    if Path(model_dir).resolve() == DEMO_DIR.resolve():
+        raise ValueError(
+            f"Saving a tuned tree would edit the bundled demo model inside the installed package ({DEMO_DIR}). "
+            f"Copy it first (cp -r {DEMO_DIR} DIR) and pass --model DIR, or see the choice without saving it (specstream tune --no-save)."
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass a converted model directory.")
+    if not (_writable(path) and _writable(path.parent)):
+        raise PermissionError(
+            f"Cannot write {path} (the tuned tree is saved there); make the folder writable, "
+            "tune a copy of the model, or see the choice without saving it (specstream tune --no-save)."
+        )
+    return path
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK)
+
+
 def save_default_tree(model_dir: str | os.PathLike, spec: str) -> Path:
     """Write ``spec`` as ``speculative_streaming.default_tree`` in config.json, atomically."""
     path = Path(model_dir) / "config.json"
