@@ -15,7 +15,7 @@ from mlx_specstream.cli.common import (
     SeedOpt,
     TempOpt,
     TreeOpt,
-    fail,
+    check_output_files,
     print_json,
     progress,
     status,
@@ -72,9 +72,7 @@ def bench(
     """
     from mlx_specstream.bench import report, run_bench
 
-    for path in (json_file, plot_file):
-        if path is not None and str(path) != "-" and not path.parent.is_dir():
-            fail(f"Folder {path.parent} does not exist; create it or write {path.name} elsewhere.")
+    check_output_files(json_file, plot_file)
     quiet = json_file is not None and str(json_file) == "-"
     result = run_bench(
         model, data, num_samples=num_samples, max_tokens=max_tokens, temp=temp, tree=tree, repeats=repeats,

@@ -158,6 +158,13 @@ def read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     return prompt
 
 
+def check_output_files(*paths: Optional[Path]) -> None:
+    """Fail before any work when an output file's folder is missing ('-' means stdout)."""
+    for path in paths:
+        if path is not None and str(path) != "-" and not Path(path).parent.is_dir():
+            fail(f"Folder {path.parent} does not exist; create it or write {path.name} elsewhere.")
+
+
 def print_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, ensure_ascii=False, indent=None))
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import typer
 from typing_extensions import Annotated
 
 from mlx_specstream.cli.bench import DataOpt, JsonFileOpt
-from mlx_specstream.cli.common import MaxTokensOpt, ModelOpt, fail, print_json, status
+from mlx_specstream.cli.common import MaxTokensOpt, ModelOpt, check_output_files, print_json, status
 
 NumSamplesOpt = Annotated[int, typer.Option(
     "--num-samples", min=1, help="Calibration prompts: the first N examples of --data.")]
@@ -35,8 +34,7 @@ def tune(
     """
     from mlx_specstream.bench import report, run_tune
 
-    if json_file is not None and str(json_file) != "-" and not Path(json_file).parent.is_dir():
-        fail(f"Folder {json_file.parent} does not exist; create it or write {json_file.name} elsewhere.")
+    check_output_files(json_file)
     quiet = json_file is not None and str(json_file) == "-"
     result = run_tune(model, data, num_samples=num_samples, max_tokens=max_tokens, save=not no_save,
                       status=functools.partial(status, quiet=quiet))

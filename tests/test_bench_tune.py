@@ -101,11 +101,15 @@ def test_save_default_tree_is_atomic_and_validated(model_dir, tmp_path):
         save_default_tree(plain, "2")
 
 
-def test_bench_tune_writes_a_default_tree_that_loads_back(model_dir, tmp_path, capsys, monkeypatch):
+def _short_sweep(monkeypatch):
     monkeypatch.setattr(tune_mod, "MAX_NODES", 8)  # keep the step-cost sweep short on the reference BLAS
     monkeypatch.setattr(tune_mod, "COST_STEPS", 4)
     monkeypatch.setattr(tune_mod, "COST_ROUNDS", 1)
     monkeypatch.setattr(tune_mod, "FINAL_ROUNDS", 1)
+
+
+def test_bench_tune_writes_a_default_tree_that_loads_back(model_dir, tmp_path, capsys, monkeypatch):
+    _short_sweep(monkeypatch)
     d = tmp_path / "m"
     shutil.copytree(model_dir, d)
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "abcabc"}, {"prompt": "hello hello"}])
@@ -146,13 +150,6 @@ def test_cost_trees_have_the_size_and_depth_asked_for():
     for n, d in [(2, 1), (5, 4), (9, 2), (32, 4)]:
         tree = tune_mod.cost_tree(n, d)
         assert (tree.size, tree.max_depth) == (n, d)
-
-
-def _short_sweep(monkeypatch):
-    monkeypatch.setattr(tune_mod, "MAX_NODES", 8)  # keep the step-cost sweep short on the reference BLAS
-    monkeypatch.setattr(tune_mod, "COST_STEPS", 4)
-    monkeypatch.setattr(tune_mod, "COST_ROUNDS", 1)
-    monkeypatch.setattr(tune_mod, "FINAL_ROUNDS", 1)
 
 
 def test_tune_command_saves_the_choice_and_no_save_leaves_the_model_alone(model_dir, tmp_path, capsys, monkeypatch):

@@ -151,16 +151,16 @@ def run_tune(
         raise ValueError("--max-tokens and --num-samples must be >= 1.")
     calib_data = load_bench_data(data, num_samples)
     model_dir = resolve_model_path(model)
-    destination = tree_destination(model_dir) if save else None
+    if save:
+        tree_destination(model_dir)  # before minutes of tuning, not after
     phase = status or (lambda message: contextlib.nullcontext())
     with phase(f"Loading {model_dir}"):
         mdl, tokenizer = load(model_dir)
     previous = _tree_text(mdl, None)
     tuned = _tune(mdl, tokenizer, calib_data, num_samples, max_tokens, set(tokenizer.eos_token_ids), phase)
-    if save:
-        save_default_tree(model_dir, tuned.tree)
+    saved_to = str(save_default_tree(model_dir, tuned.tree)) if save else None
     return dict(
-        vars(tuned), saved_to=str(destination) if save else None, previous_tree=previous,
+        vars(tuned), saved_to=saved_to, previous_tree=previous,
         settings=dict(model=str(model_dir), data=str(data), format=calib_data.format, max_tokens=max_tokens,
                       num_streams=mdl.num_streams, device=_device(), blas=_blas_kind()),
     )

@@ -348,8 +348,8 @@ def tune_tree(model, prompts: Sequence[list[int]], max_tokens: int, eos: set[int
 
 
 def tree_destination(model_dir: str | os.PathLike) -> Path:
-    """The config.json that saving a tuned tree rewrites, checked before any tuning starts:
-    not the bundled demo (that would edit the installed package), and writable."""
+    """The config.json that saving a tuned tree rewrites: not the bundled demo (that would edit
+    the installed package), and writable. Callers that tune check it before they start."""
     from ..loading import DEMO_DIR
 
     path = Path(model_dir) / "config.json"
@@ -373,8 +373,9 @@ def _writable(path: Path) -> bool:
 
 
 def save_default_tree(model_dir: str | os.PathLike, spec: str) -> Path:
-    """Write ``spec`` as ``speculative_streaming.default_tree`` in config.json, atomically."""
-    path = Path(model_dir) / "config.json"
+    """Write ``spec`` as ``speculative_streaming.default_tree`` in config.json, atomically
+    (where :func:`tree_destination` allows)."""
+    path = tree_destination(model_dir)
     config = json.loads(path.read_text())
     block = config.get(CONFIG_KEY)
     if not block:
