@@ -177,6 +177,31 @@ def test_blas_timeout_compares_two_copies_of_openblas_in_one_process(monkeypatch
     assert "4 outputs were not all the same: 0 of 2" in out
 
 
+def test_blas_trace_times_each_product_shape_of_a_step(monkeypatch):
+    """The demo's AR step makes six 1-row gate/up products (one per layer, q/k/v and gate/up
+    fused); a ``1,1`` step makes three 3-row ones (3 nodes, the base layers) and three 9-row
+    ones (3 nodes x 3 tokens, the multi-stream layers); the per-shape times add up to the
+    BLAS time the table's heading reports."""
+    _needs_blas_switch(monkeypatch, "DEFAULT_LARGE")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "OPENBLAS_THREAD_TIMEOUT")}
+    done = subprocess.run([sys.executable, str(PERF / "blas_trace.py"), "--trees", "ar;1,1", "--steps", "3"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    tables = {}
+    for block in done.stdout.split("\n### ")[1:]:
+        heading, *lines = block.strip().splitlines()
+        rows = [line.strip("|").split("|") for line in lines if line.startswith("| ") and line[2].isdigit()]
+        tables[heading.split(":")[0]] = (heading, {tuple(int(c) for c in r[:3]) + (r[3].strip(),): r for r in rows})
+    assert set(tables) == {"ar", "1,1"}
+    hidden, gate_up = 256, 1024
+    assert float(tables["ar"][1][(1, gate_up, hidden, "NN")][4]) == 6.0
+    assert float(tables["1,1"][1][(3, gate_up, hidden, "NN")][4]) == 3.0
+    assert float(tables["1,1"][1][(9, gate_up, hidden, "NN")][4]) == 3.0
+    for heading, rows in tables.values():
+        blas_ms = float(heading.split("of which BLAS ")[1].split(" ms")[0])
+        assert sum(float(r[6]) for r in rows.values()) / 1e3 == pytest.approx(blas_ms, abs=0.011)
+
+
 def test_serve_decode_reads_the_decode_rate_a_server_reports(monkeypatch):
     import threading
 

@@ -33,12 +33,13 @@ _SHIM_ENV = "_BLAS_CHOICE_SHIM"
 ROUTES = {"large": -1, "small": 1 << 30, "1-row small": 1}  # products with M <= this go to the small library
 
 
-def build_shim() -> str:
-    """Compile blas_switch.c once per version of its source (a shared library in the temporary
-    folder, named by the source's hash, written under a temporary name and renamed); its path."""
-    source = HERE / "blas_switch.c"
+def build_shim(name: str = "blas_switch") -> str:
+    """Compile this folder's ``{name}.c`` once per version of its source (a shared library in
+    the temporary folder, named by the source's hash, written under a temporary name and
+    renamed); its path."""
+    source = HERE / f"{name}.c"
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
-    out = os.path.join(tempfile.gettempdir(), f"libblas_switch-{digest}.so")
+    out = os.path.join(tempfile.gettempdir(), f"lib{name}-{digest}.so")
     if os.path.exists(out):
         return out
     partial = f"{out}.{os.getpid()}.partial"
@@ -46,16 +47,17 @@ def build_shim() -> str:
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
     except FileNotFoundError:
-        raise SystemExit("blas_choice needs gcc to build its BLAS switch (apt-get install gcc).") from None
+        raise SystemExit(f"{Path(sys.argv[0]).name} needs gcc to build {source.name} (apt-get install gcc).") from None
     except subprocess.CalledProcessError as e:
-        raise SystemExit(f"building blas_switch.c failed:\n{e.stderr}") from None
+        raise SystemExit(f"building {source.name} failed:\n{e.stderr}") from None
     os.replace(partial, out)
     return out
 
 
-def reexec_with_shim() -> None:
-    """Re-execute this script with the compiled switch preloaded (and no other BLAS preload)."""
-    shim = build_shim()
+def reexec_with_shim(name: str = "blas_switch") -> None:
+    """Re-execute this script with the compiled ``{name}.c`` preloaded (and no other BLAS
+    preload)."""
+    shim = build_shim(name)
     env = dict(os.environ, LD_PRELOAD=shim, SPECSTREAM_NO_OPENBLAS="1", **{_SHIM_ENV: shim})
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
