@@ -17,11 +17,11 @@ from mlx_specstream.cli.common import (
     MinPOpt,
     ModelOpt,
     SeedOpt,
+    SpeculateOpt,
     TempOpt,
     TopKOpt,
     TopPOpt,
     TreeOpt,
-    NoSpeculateOpt,
     context_length,
     fail,
     load_model,
@@ -208,7 +208,7 @@ def chat(
     min_p: MinPOpt = 0.0,
     seed: SeedOpt = None,
     tree: TreeOpt = None,
-    no_speculate: NoSpeculateOpt = False,
+    speculate: SpeculateOpt = None,
 ) -> None:
     """Chat with a model in the terminal: the chat template, streamed replies, /reset and /stats.
 
@@ -225,7 +225,7 @@ def chat(
 
     session = ChatSession(
         tokenizer, generate_fn, context=context_length(mdl), max_tokens=max_tokens, system=system,
-        temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, tree=tree, speculate=not no_speculate,
+        temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, tree=tree, speculate=speculate,
     )
     try:
         import readline  # noqa: F401  (line editing and history for input())

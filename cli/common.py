@@ -53,8 +53,14 @@ TreeOpt = Annotated[
         show_default=False,
     ),
 ]
-NoSpeculateOpt = Annotated[
-    bool, typer.Option("--no-speculate", help="Plain autoregressive decoding (for comparison).")
+SpeculateOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--speculate/--no-speculate",
+        help="Draft with the streams, or plain autoregressive decoding (default: the model's own choice: "
+        "speculate, unless `specstream tune` found plain decoding faster).",
+        show_default=False,
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")]
 

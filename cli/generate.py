@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from mlx_specstream.cli.common import SpeculateOpt
+
 
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
     if prompt is not None and prompt_file is not None:
@@ -35,7 +37,7 @@ def generate(
     min_p: float = typer.Option(0.0, "--min-p", help="Drop tokens below min_p x the top probability."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
     tree: Optional[str] = typer.Option(None, "--tree", help="Draft tree: per-depth top-k like '4,2,2,1' or JSON paths."),
-    no_speculate: bool = typer.Option(False, "--no-speculate", help="Plain autoregressive decoding (the baseline)."),
+    speculate: SpeculateOpt = None,
     raw: bool = typer.Option(False, "--raw", help="Do not apply the model's prompt template."),
     as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON object instead of streaming text."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the accepted draft tokens of every step."),
@@ -45,6 +47,7 @@ def generate(
     Example: specstream generate --prompt "name[The Eagle], eatType[pub]" --max-tokens 64
     """
     from mlx_specstream import load, stream_generate
+    from mlx_specstream.generate import will_speculate
     from mlx_specstream.prompting import format_prompt
 
     text = _read_prompt(prompt, prompt_file)
@@ -55,7 +58,7 @@ def generate(
     color = sys.stdout.isatty()
     for resp in stream_generate(
         mdl, tokenizer, text, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
-        min_p=min_p, seed=seed, tree=tree, speculate=not no_speculate,
+        min_p=min_p, seed=seed, tree=tree, speculate=speculate,
     ):
         last = resp
         pieces.append(resp.text)
@@ -79,7 +82,7 @@ def generate(
         tokens_per_step=round(last.tokens_per_step, 4),
         decode_tokens_per_sec=round(last.decode_tokens_per_sec, 3),
         peak_memory_gb=round(last.peak_memory_gb, 4),
-        speculate=not no_speculate and mdl.num_streams > 0,
+        speculate=will_speculate(mdl, speculate, tree),
     )
     if as_json:
         typer.echo(json.dumps(stats))

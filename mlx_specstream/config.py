@@ -88,6 +88,9 @@ class SpecStreamConfig:
     pruning: Optional[PruningConfig] = None
     stream_lora: Optional[StreamLoRAConfig] = None
     default_tree: Optional[str] = None
+    # False: generate decodes without speculation unless asked (`specstream tune` found plain
+    # decoding faster than every tree on the device it measured); None/True: speculate
+    speculate: Optional[bool] = None
     loss_weights: Optional[list[float]] = None  # [a_0, a_1..a_γ]; None = rule 10 defaults
 
     @classmethod
@@ -116,6 +119,8 @@ class SpecStreamConfig:
         d = dataclasses.asdict(self)
         if self.stream_lora is not None:
             d["stream_lora"]["target_modules"] = list(self.stream_lora.target_modules)
+        if self.speculate is None:  # only tuned models carry it
+            del d["speculate"]
         return d
 
     def validate(self, num_layers: Optional[int] = None) -> None:
@@ -134,6 +139,8 @@ class SpecStreamConfig:
             raise ValueError("stream_init='linear' needs stream_init_rank (the rank η of the map).")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
+        if self.speculate is not None and not isinstance(self.speculate, bool):
+            raise ValueError(f"speculate must be true, false or null, got {self.speculate!r}.")
         if self.stream_lora is not None:
             self.stream_lora.validate()
         if self.pruning is not None:

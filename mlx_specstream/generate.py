@@ -52,6 +52,21 @@ def resolve_tree(model: SpecStreamModel, tree: Optional[TreeSpec]) -> Optional[T
     return parsed
 
 
+def speculates_by_default(model: SpecStreamModel) -> bool:
+    """Whether generation drafts with the streams when the caller does not say (``speculate``
+    None, no ``tree``): yes, unless the model's config says ``"speculate": false``, which
+    ``specstream tune`` saves when plain decoding was faster on the device it measured."""
+    return model.num_streams > 0 and (model.spec is None or model.spec.speculate is not False)
+
+
+def will_speculate(model: SpecStreamModel, speculate: Optional[bool], tree: Optional[TreeSpec] = None) -> bool:
+    """Whether a generation drafts with the streams: as ``speculate`` says, else (None) when
+    a ``tree`` is given or :func:`speculates_by_default`; never for a plain model."""
+    if speculate is None:
+        speculate = tree is not None or speculates_by_default(model)
+    return bool(speculate) and model.num_streams > 0
+
+
 def generate_step(
     model: SpecStreamModel,
     prompt: mx.array,
@@ -59,7 +74,7 @@ def generate_step(
     max_tokens: int = 256,
     sampling: SamplingParams = SamplingParams(),
     tree: Optional[TreeSpec] = None,
-    speculate: bool = True,
+    speculate: Optional[bool] = None,
     prune_threshold: Optional[float] = None,
     cache: Optional[list] = None,
     drafter=None,
@@ -70,7 +85,8 @@ def generate_step(
 
     ``prompt`` is ``[P]`` int token ids. Stops by itself after ``max_tokens`` tokens
     (the caller may stop earlier). With ``speculate`` False, or a plain model, it is ordinary
-    autoregressive decoding through the same main-stream code path. ``cache``: an empty
+    autoregressive decoding through the same main-stream code path; None (the default) asks
+    :func:`speculates_by_default`. ``cache``: an empty
     list to receive the per-layer caches (for inspection); a fresh one is made otherwise.
     ``drafter``: an object with ``propose(history) -> list[int]`` (e.g. :class:`PromptLookup`)
     whose chain of drafts replaces the streams' tree; verified the same way.
@@ -85,7 +101,7 @@ def generate_step(
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("The prompt must be a non-empty 1-D sequence of token ids.")
     sampling.validate()
-    use_streams = speculate and model.num_streams > 0 and drafter is None
+    use_streams = will_speculate(model, speculate, tree) and drafter is None
     draft_tree = resolve_tree(model, tree) if use_streams else None
     plan = tree_plan(draft_tree, model.num_streams) if use_streams else AR_PLAN
     if prune_threshold is None and model.spec is not None and model.spec.pruning is not None:
@@ -286,7 +302,7 @@ def stream_generate(
     min_p: float = 0.0,
     seed: Optional[int] = None,
     tree: Optional[TreeSpec] = None,
-    speculate: bool = True,
+    speculate: Optional[bool] = None,
     stop: Optional[Sequence[str]] = None,
     prune_threshold: Optional[float] = None,
     eos_token_ids: Optional[Sequence[int]] = None,

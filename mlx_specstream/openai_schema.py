@@ -5,7 +5,7 @@ or raises :class:`RequestError` carrying the HTTP status (400 malformed or unkno
 422 wrong type or out of range) and an OpenAI-style error body.
 
 Extensions to the OpenAI schema: ``top_k``, ``min_p``, ``tree`` (draft tree spec) and
-``speculate`` (false: plain autoregressive decoding). ``usage`` adds ``tokens_per_step``,
+``speculate`` (false: plain autoregressive decoding; absent: the model's default). ``usage`` adds ``tokens_per_step``,
 ``decode_steps`` and ``decode_tokens_per_sec``.
 """
 
@@ -210,7 +210,7 @@ def parse_request(
         seed=seed,
         stop=stop,
         tree=tree,
-        speculate=_field(body, "speculate", (bool,), True),
+        speculate=_field(body, "speculate", (bool,), None),  # None: the model's default
     )
     return CompletionRequest(chat, prompt, stream, include_usage, params, max_tokens is not None)
 

@@ -18,11 +18,12 @@ from mlx_specstream.bench.tune import (
     calibrate,
     cartesian_candidates,
     greedy_paths,
+    TuneResult,
     save_default_tree,
     tokens_per_step,
 )
 from mlx_specstream.cli.main import main
-from mlx_specstream.generate import generate_step, resolve_tree
+from mlx_specstream.generate import generate_step, resolve_tree, speculates_by_default
 from mlx_specstream.loading import load_model
 from mlx_specstream.testing import write_tiny_model_dir
 from mlx_specstream.tree import parse_tree_spec
@@ -99,6 +100,37 @@ def test_save_default_tree_is_atomic_and_validated(model_dir, tmp_path):
     plain = write_tiny_model_dir(tmp_path / "plain", "llama", spec=None)
     with pytest.raises(ValueError, match="no 'speculative_streaming' block"):
         save_default_tree(plain, "2")
+
+
+def test_save_default_tree_records_whether_the_model_should_speculate(model_dir, tmp_path):
+    """speculate=False saves ``"speculate": false`` beside the tree (the model then decodes
+    without speculation by default); tuning again to a tree that pays removes it."""
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    save_default_tree(d, "1", speculate=False)
+    block = json.loads((d / "config.json").read_text())["speculative_streaming"]
+    assert block["default_tree"] == "1" and block["speculate"] is False
+    model, _ = load_model(d)
+    assert model.spec.speculate is False and not speculates_by_default(model)
+    save_default_tree(d, "2,1")
+    block = json.loads((d / "config.json").read_text())["speculative_streaming"]
+    assert "speculate" not in block and block["default_tree"] == "2,1"
+    assert speculates_by_default(load_model(d)[0])
+
+
+@pytest.mark.parametrize("speedup, speculate", [(0.93, False), (0.999, False), (1.0, True), (1.6, True)])
+def test_a_tuned_tree_is_the_default_only_when_it_beat_plain_decoding(speedup, speculate):
+    result = TuneResult(tree="1", size=2, expected_tokens_per_step=1.4, expected_speedup=speedup,
+                        expected_ss_tokens_per_sec=100.0 * speedup, expected_ar_tokens_per_sec=100.0,
+                        step_cost_ar_s=1e-3, step_cost_s={}, step_cost_raw_s={}, rank_acceptance=[],
+                        best_speedup_by_size={}, candidates=[], finalists=[], calibration_prompts=4,
+                        calibration_tokens=64)
+    assert result.speculate is speculate
+    details = dict(vars(result), speculate=result.speculate, saved_to="m/config.json")
+    lines = report._tune_details(details)
+    assert any("now decodes without speculation" in line for line in lines) is (not speculate)
+    details["saved_to"] = None
+    assert any("--no-speculate" in line for line in report._tune_details(details)) is (not speculate)
 
 
 def _short_sweep(monkeypatch):

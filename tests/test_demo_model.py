@@ -21,3 +21,30 @@ def test_demo_model_default_and_lossless():
     assert runs[True][0] == runs[False][0]
     assert "The Eagle" in runs[True][1]
     assert runs[True][2].tokens_per_step > 1.0
+
+
+def test_a_model_tuned_to_plain_decoding_decodes_without_speculation_unless_asked():
+    """``"speculate": false`` (what `specstream tune` saves when no tree beat plain decoding)
+    makes plain decoding the default; ``speculate=True`` or a tree still drafts, with the
+    same tokens."""
+    model, tok = load()
+    prompt = format_prompt(model, MR)
+
+    def run(**kwargs):
+        ids = []
+        for r in stream_generate(model, tok, prompt, max_tokens=40, **kwargs):
+            ids += r.token_ids
+        return ids, r.tokens_per_step
+
+    assert model.spec.speculate is None
+    default_ids, default_rate = run()
+    assert default_rate > 1.0
+    model.spec.speculate = False
+    try:
+        plain_ids, plain_rate = run()
+        asked_ids, asked_rate = run(speculate=True)
+        tree_ids, tree_rate = run(tree="1,1")
+    finally:
+        model.spec.speculate = None
+    assert plain_rate == 1.0 and asked_rate > 1.0 and tree_rate > 1.0
+    assert plain_ids == asked_ids == tree_ids == default_ids

@@ -59,3 +59,25 @@ def test_bad_input_clear_error(model_dir, args, message):
     assert r.returncode != 0
     assert message in r.stderr + r.stdout
     assert "Traceback" not in r.stderr
+
+
+def test_speculate_follows_the_model_unless_the_option_says(model_dir, tmp_path):
+    """A model saved with ``"speculate": false`` (tuned to plain decoding) generates without
+    speculation by default; ``--speculate`` or ``--tree`` drafts anyway, ``--no-speculate``
+    never does."""
+    import shutil
+
+    d = tmp_path / "plain_default"
+    shutil.copytree(model_dir, d)
+    config = json.loads((d / "config.json").read_text())
+    config["speculative_streaming"]["speculate"] = False
+    (d / "config.json").write_text(json.dumps(config))
+    outs = {}
+    for name, extra in (("default", []), ("speculate", ["--speculate"]), ("tree", ["--tree", "2"]),
+                        ("no", ["--no-speculate"])):
+        done = run("--model", str(d), "--prompt", "abc", "--max-tokens", "12", "--json", *extra)
+        assert done.returncode == 0, done.stderr
+        outs[name] = json.loads(done.stdout)
+    assert [outs[n]["speculate"] for n in ("default", "speculate", "tree", "no")] == [False, True, True, False]
+    assert outs["default"]["tokens_per_step"] == 1.0 and outs["default"]["decode_steps"] == outs["no"]["decode_steps"]
+    assert len({tuple(o["tokens"]) for o in outs.values()}) == 1

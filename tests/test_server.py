@@ -194,7 +194,7 @@ def test_chat_completion_with_usage(fake):
     call = model.calls[-1]
     assert (call["max_tokens"], call["temp"], call["top_p"], call["seed"], call["top_k"], call["tree"]) == (
         5, 0.5, 0.9, 3, 4, "2,1")
-    assert call["speculate"] is True
+    assert call["speculate"] is None  # not in the request: the model's own default (speculates_by_default)
 
 
 def test_completion_text_and_token_prompt(fake):
@@ -417,7 +417,7 @@ def test_parse_request_defaults():
         "type": "text", "text": " brief"}]}, {"role": "assistant", "content": None}]}, True, "m", 16, 32)
     assert req.prompt == [{"role": "system", "content": "be brief"}, {"role": "assistant", "content": ""}]
     assert req.params == dict(max_tokens=16, temp=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None, stop=None,
-                              tree=None, speculate=True)
+                              tree=None, speculate=None)
     assert not req.stream and not req.max_tokens_given
     with pytest.raises(RequestError):
         parse_request({"prompt": "a", "tree": [[0], [True]]}, False, "m", 16, 32)

@@ -79,8 +79,9 @@ def run_bench(
     if tune:
         source = calib_data or bench_data
         tuned = _tune(mdl, tokenizer, source, tune_samples, max_tokens, eos, phase)
-        save_default_tree(model_dir, tuned.tree)
+        save_default_tree(model_dir, tuned.tree, speculate=tuned.speculate)
         mdl.spec.default_tree = tuned.tree
+        mdl.spec.speculate = None if tuned.speculate else False
     used_tree = resolve_tree(mdl, tree)
 
     with phase("Loading baselines" if wanted else "Preparing"):
@@ -125,7 +126,7 @@ def run_bench(
         ),
     }
     if tuned is not None:
-        result["tune"] = dict(vars(tuned), saved_to=str(Path(model_dir) / "config.json"),
+        result["tune"] = dict(vars(tuned), speculate=tuned.speculate, saved_to=str(Path(model_dir) / "config.json"),
                               measured_tokens_per_step=ss["tokens_per_step"], measured_speedup=result["speedup"],
                               measured_ss_tokens_per_sec=ss["decode_tokens_per_sec"],
                               measured_ar_tokens_per_sec=ar["decode_tokens_per_sec"])
@@ -158,9 +159,9 @@ def run_tune(
         mdl, tokenizer = load(model_dir)
     previous = _tree_text(mdl, None)
     tuned = _tune(mdl, tokenizer, calib_data, num_samples, max_tokens, set(tokenizer.eos_token_ids), phase)
-    saved_to = str(save_default_tree(model_dir, tuned.tree)) if save else None
+    saved_to = str(save_default_tree(model_dir, tuned.tree, speculate=tuned.speculate)) if save else None
     return dict(
-        vars(tuned), saved_to=saved_to, previous_tree=previous,
+        vars(tuned), speculate=tuned.speculate, saved_to=saved_to, previous_tree=previous,
         settings=dict(model=str(model_dir), data=str(data), format=calib_data.format, max_tokens=max_tokens,
                       num_streams=mdl.num_streams, device=_device(), blas=_blas_kind()),
     )

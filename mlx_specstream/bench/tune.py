@@ -269,6 +269,12 @@ class TuneResult:
     calibration_prompts: int
     calibration_tokens: int
 
+    @property
+    def speculate(self) -> bool:
+        """Whether the best tree beat plain decoding in the timed generations: what saving the
+        result makes the model's default (``speculate`` in its config)."""
+        return self.expected_speedup >= 1.0
+
 
 def time_finalists(model, prompts: Sequence[list[int]], trees: Sequence[str], max_tokens: int, eos: set[int],
                    rounds: Optional[int] = None) -> tuple[float, list[dict]]:
@@ -372,15 +378,20 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK)
 
 
-def save_default_tree(model_dir: str | os.PathLike, spec: str) -> Path:
+def save_default_tree(model_dir: str | os.PathLike, spec: str, speculate: bool = True) -> Path:
     """Write ``spec`` as ``speculative_streaming.default_tree`` in config.json, atomically
-    (where :func:`tree_destination` allows)."""
+    (where :func:`tree_destination` allows). ``speculate`` False also saves ``"speculate":
+    false`` (generation then decodes without speculation unless asked); True removes it."""
     path = tree_destination(model_dir)
     config = json.loads(path.read_text())
     block = config.get(CONFIG_KEY)
     if not block:
         raise ValueError(f"{path} has no '{CONFIG_KEY}' block; only a speculative model has a default tree.")
     block["default_tree"] = spec
+    if speculate:
+        block.pop("speculate", None)
+    else:
+        block["speculate"] = False
     streams = SpecStreamConfig.from_dict(block).num_streams  # still a valid block
     tree = parse_tree_spec(spec)
     if tree.size < 2 or tree.max_depth > streams:
