@@ -126,7 +126,7 @@ def test_a_tuned_tree_is_the_default_only_when_it_beat_plain_decoding(speedup, s
                         best_speedup_by_size={}, candidates=[], finalists=[], calibration_prompts=4,
                         calibration_tokens=64)
     assert result.speculate is speculate
-    details = dict(vars(result), speculate=result.speculate, saved_to="m/config.json")
+    details = dict(result.to_dict(), saved_to="m/config.json")
     lines = report._tune_details(details)
     assert any("now decodes without speculation" in line for line in lines) is (not speculate)
     details["saved_to"] = None

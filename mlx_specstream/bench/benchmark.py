@@ -126,7 +126,7 @@ def run_bench(
         ),
     }
     if tuned is not None:
-        result["tune"] = dict(vars(tuned), speculate=tuned.speculate, saved_to=str(Path(model_dir) / "config.json"),
+        result["tune"] = dict(tuned.to_dict(), saved_to=str(Path(model_dir) / "config.json"),
                               measured_tokens_per_step=ss["tokens_per_step"], measured_speedup=result["speedup"],
                               measured_ss_tokens_per_sec=ss["decode_tokens_per_sec"],
                               measured_ar_tokens_per_sec=ar["decode_tokens_per_sec"])
@@ -161,7 +161,7 @@ def run_tune(
     tuned = _tune(mdl, tokenizer, calib_data, num_samples, max_tokens, set(tokenizer.eos_token_ids), phase)
     saved_to = str(save_default_tree(model_dir, tuned.tree, speculate=tuned.speculate)) if save else None
     return dict(
-        vars(tuned), speculate=tuned.speculate, saved_to=saved_to, previous_tree=previous,
+        tuned.to_dict(), saved_to=saved_to, previous_tree=previous,
         settings=dict(model=str(model_dir), data=str(data), format=calib_data.format, max_tokens=max_tokens,
                       num_streams=mdl.num_streams, device=_device(), blas=_blas_kind()),
     )

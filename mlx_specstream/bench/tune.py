@@ -275,6 +275,10 @@ class TuneResult:
         result makes the model's default (``speculate`` in its config)."""
         return self.expected_speedup >= 1.0
 
+    def to_dict(self) -> dict:
+        """The fields and :attr:`speculate`, for reports and JSON."""
+        return dict(vars(self), speculate=self.speculate)
+
 
 def time_finalists(model, prompts: Sequence[list[int]], trees: Sequence[str], max_tokens: int, eos: set[int],
                    rounds: Optional[int] = None) -> tuple[float, list[dict]]:
