@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NoReturn, Optional, TypeVar
 
@@ -58,7 +59,7 @@ SpeculateOpt = Annotated[
     typer.Option(
         "--speculate/--no-speculate",
         help="Draft with the streams, or plain autoregressive decoding (default: the model's own choice: "
-        "speculate, unless `specstream tune` found plain decoding faster).",
+        "speculate, unless `specstream tune` found plain decoding faster on this device).",
         show_default=False,
     ),
 ]
@@ -128,7 +129,10 @@ def run_app(app: typer.Typer, args: list[str]) -> int:
     """Run the Typer ``app`` on ``args`` and turn every failure into an exit code."""
     debug = pop_debug_flag(args)
     try:
-        app(args=args, prog_name="specstream", standalone_mode=True)
+        with warnings.catch_warnings():
+            if not debug:  # "warning: <what to do>" on stderr, without the source line of a traceback
+                warnings.showwarning = _show_warning
+            app(args=args, prog_name="specstream", standalone_mode=True)
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
@@ -138,6 +142,10 @@ def run_app(app: typer.Typer, args: list[str]) -> int:
     except Exception as exc:  # every error of a command ends here: one line, non-zero exit
         return report_error(exc, debug)
     return 0
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"warning: {message}", err=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import typer
 
 from mlx_specstream.cli.common import JsonOpt, fail, print_json
+from mlx_specstream.device import describe_device
 
 _MEASURE = "from mlx_specstream.blas import matmul_gflops; print(matmul_gflops({n}))"
 
@@ -28,6 +29,7 @@ def _backend(mx: Any) -> dict[str, Any]:
     cuda = bool(getattr(getattr(mx, "cuda", None), "is_available", lambda: False)())
     return {
         "default_device": str(mx.default_device()),
+        "device": describe_device(),  # what `specstream tune` records as a model's tuned_on
         "metal": metal,
         "cuda": cuda,
         "backend": "metal" if metal else "cuda" if cuda else "cpu",
@@ -193,7 +195,8 @@ def doctor(
     lines = [
         ("platform", f"{report['platform']} ({report['machine']}), Python {report['python']}"),
         ("versions", ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)),
-        ("back-end", f"{report['backend']} (default device {report['default_device']})"),
+        ("back-end", f"{report['backend']} (default device {report['default_device']}; "
+                     f"tuning records it as {report['device']!r})"),
         ("BLAS", f"{b['kind']}{how}: {b['library'] or 'not found'}"
                  + (f", {_timeout_text(b['openblas_thread_timeout'])}" if b["kind"] == "openblas" else "")),
         ("system OpenBLAS", b["system_openblas"] or "none found"),

@@ -91,6 +91,9 @@ class SpecStreamConfig:
     # False: generate decodes without speculation unless asked (`specstream tune` found plain
     # decoding faster than every tree on the device it measured); None/True: speculate
     speculate: Optional[bool] = None
+    # the device `specstream tune` measured default_tree and speculate on (device.describe_device);
+    # a "speculate": false measured on another device is not applied
+    tuned_on: Optional[str] = None
     loss_weights: Optional[list[float]] = None  # [a_0, a_1..a_γ]; None = rule 10 defaults
 
     @classmethod
@@ -119,8 +122,9 @@ class SpecStreamConfig:
         d = dataclasses.asdict(self)
         if self.stream_lora is not None:
             d["stream_lora"]["target_modules"] = list(self.stream_lora.target_modules)
-        if self.speculate is None:  # only tuned models carry it
-            del d["speculate"]
+        for key in ("speculate", "tuned_on"):  # only tuned models carry them
+            if d[key] is None:
+                del d[key]
         return d
 
     def validate(self, num_layers: Optional[int] = None) -> None:
@@ -141,6 +145,8 @@ class SpecStreamConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
         if self.speculate is not None and not isinstance(self.speculate, bool):
             raise ValueError(f"speculate must be true, false or null, got {self.speculate!r}.")
+        if self.tuned_on is not None and not isinstance(self.tuned_on, str):
+            raise ValueError(f"tuned_on must be a device description (a string) or null, got {self.tuned_on!r}.")
         if self.stream_lora is not None:
             self.stream_lora.validate()
         if self.pruning is not None:

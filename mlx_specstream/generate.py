@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import mlx.core as mx
 
 from .cache import make_cache, reserve_all
 from .compiled import step_function
+from .device import describe_device
 from .sampling import SamplingParams, make_sampler
 from .streams import AR_PLAN, SpecStreamModel, chain_plan, prefill_plan, tree_plan
 from .tree import Tree, TreeSpec, parse_tree_spec
@@ -55,8 +57,27 @@ def resolve_tree(model: SpecStreamModel, tree: Optional[TreeSpec]) -> Optional[T
 def speculates_by_default(model: SpecStreamModel) -> bool:
     """Whether generation drafts with the streams when the caller does not say (``speculate``
     None, no ``tree``): yes, unless the model's config says ``"speculate": false``, which
-    ``specstream tune`` saves when plain decoding was faster on the device it measured."""
-    return model.num_streams > 0 and (model.spec is None or model.spec.speculate is not False)
+    ``specstream tune`` saves when plain decoding was faster on the device it measured.
+
+    That verdict is the measured device's: tune records it as ``tuned_on``
+    (:func:`~.device.describe_device`), and on any other device the model speculates again,
+    with a warning to tune there (a config without ``tuned_on`` is taken at its word)."""
+    if model.num_streams == 0:
+        return False
+    spec = model.spec
+    if spec is None or spec.speculate is not False:
+        return True
+    here = describe_device()
+    if spec.tuned_on is None or spec.tuned_on == here:
+        return False
+    warnings.warn(
+        f"This model's config says plain decoding was faster than speculation on the device it was "
+        f"tuned on ({spec.tuned_on}), but this is another device ({here}), so it speculates here. "
+        "Run `specstream tune --model DIR` on this device to measure it, or pass --no-speculate "
+        "(speculate=False) for plain decoding.",
+        stacklevel=2,
+    )
+    return True
 
 
 def will_speculate(model: SpecStreamModel, speculate: Optional[bool], tree: Optional[TreeSpec] = None) -> bool:

@@ -23,7 +23,9 @@ from mlx_specstream.bench.tune import (
     tokens_per_step,
 )
 from mlx_specstream.cli.main import main
-from mlx_specstream.generate import generate_step, resolve_tree, speculates_by_default
+from mlx_specstream.config import SpecStreamConfig
+from mlx_specstream.device import describe_device
+from mlx_specstream.generate import generate_step, resolve_tree, speculates_by_default, will_speculate
 from mlx_specstream.loading import load_model
 from mlx_specstream.testing import write_tiny_model_dir
 from mlx_specstream.tree import parse_tree_spec
@@ -116,6 +118,49 @@ def test_save_default_tree_records_whether_the_model_should_speculate(model_dir,
     block = json.loads((d / "config.json").read_text())["speculative_streaming"]
     assert "speculate" not in block and block["default_tree"] == "2,1"
     assert speculates_by_default(load_model(d)[0])
+
+
+def test_a_tuned_verdict_holds_on_the_device_it_was_measured_on(model_dir, tmp_path):
+    """Tuning records the device (``tuned_on``); ``"speculate": false`` measured on another
+    device does not stop this one from speculating, and says so."""
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    here = describe_device()
+    save_default_tree(d, "1", speculate=False)
+    assert json.loads((d / "config.json").read_text())["speculative_streaming"]["tuned_on"] == here
+    model = load_model(d)[0]
+    assert model.spec.tuned_on == here and not speculates_by_default(model)
+
+    elsewhere = "gpu: Apple M9 Imaginary (applegpu_g99)"
+    save_default_tree(d, "1", speculate=False, device=elsewhere)
+    model = load_model(d)[0]
+    assert model.spec.tuned_on == elsewhere
+    with pytest.warns(UserWarning, match=r"tuned on \(gpu: Apple M9 Imaginary.*specstream tune"):
+        assert speculates_by_default(model) and will_speculate(model, None)
+    assert not will_speculate(model, False)
+
+    model.spec.tuned_on = None  # a hand-written "speculate": false, no device: taken at its word
+    assert not speculates_by_default(model)
+
+
+def test_tuned_on_is_optional_and_must_be_a_string():
+    assert "tuned_on" not in SpecStreamConfig().to_dict()
+    cfg = SpecStreamConfig.from_dict(dict(num_streams=2, tuned_on="cpu: X (x86_64)", speculate=False))
+    assert SpecStreamConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="tuned_on must be a device description"):
+        SpecStreamConfig.from_dict(dict(num_streams=2, tuned_on=3))
+
+
+def test_describe_device_names_the_kind_name_and_architecture():
+    import os
+    import platform
+    import re
+
+    text = describe_device()
+    assert re.fullmatch(r"(cpu: .+ \(.+\), \d+ cores|gpu: .+ \(.+\))", text)
+    if mx.default_device() == mx.cpu:
+        arch = mx.device_info().get("architecture") or platform.machine()
+        assert text.startswith("cpu: ") and text.endswith(f"({arch}), {os.cpu_count()} cores")
 
 
 @pytest.mark.parametrize("speedup, speculate", [(0.93, False), (0.999, False), (1.0, True), (1.6, True)])

@@ -14,6 +14,7 @@ import typer
 
 from mlx_specstream.cli import common
 from mlx_specstream.cli.main import COMMANDS, app, main, wants_fast_blas
+from mlx_specstream.device import describe_device
 
 EXPECTED = {"generate", "chat", "convert", "train", "export", "bench", "tune", "serve", "doctor"}
 # Every command that takes one of these concepts must spell it this way.
@@ -137,6 +138,7 @@ def test_doctor_json(capsys):
     assert code == 0
     report = json.loads(out)
     assert report["versions"]["mlx"] and report["backend"] in ("cpu", "metal", "cuda")
+    assert report["device"] == describe_device()  # what tuning records as a model's tuned_on
     assert report["matmul"]["gflops"] > 0 and report["matmul"]["n"] == 128
     assert report["blas"]["kind"] in ("openblas", "reference", "accelerate", "mkl", "other", "unknown")
     if report["blas"]["kind"] == "reference" and report["blas"]["system_openblas"]:

@@ -48,3 +48,32 @@ def test_a_model_tuned_to_plain_decoding_decodes_without_speculation_unless_aske
         model.spec.speculate = None
     assert plain_rate == 1.0 and asked_rate > 1.0 and tree_rate > 1.0
     assert plain_ids == asked_ids == tree_ids == default_ids
+
+
+def test_plain_decoding_tuned_on_another_device_still_speculates_here():
+    """A ``"speculate": false`` whose ``tuned_on`` names another device (a model tuned on a
+    CPU, then copied to a Mac) is not applied: the demo drafts, warns, and stays lossless;
+    tuned on this device, it decodes plainly."""
+    import pytest
+
+    from mlx_specstream.device import describe_device
+
+    model, tok = load()
+    prompt = format_prompt(model, MR)
+
+    def run():
+        ids = []
+        for r in stream_generate(model, tok, prompt, max_tokens=40):
+            ids += r.token_ids
+        return ids, r.tokens_per_step
+
+    model.spec.speculate = False
+    try:
+        model.spec.tuned_on = "gpu: Apple M9 Imaginary (applegpu_g99)"
+        with pytest.warns(UserWarning, match="so it speculates here"):
+            other_ids, other_rate = run()
+        model.spec.tuned_on = describe_device()
+        here_ids, here_rate = run()
+    finally:
+        model.spec.speculate = model.spec.tuned_on = None
+    assert other_rate > 1.0 and here_rate == 1.0 and other_ids == here_ids

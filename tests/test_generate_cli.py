@@ -81,3 +81,11 @@ def test_speculate_follows_the_model_unless_the_option_says(model_dir, tmp_path)
     assert [outs[n]["speculate"] for n in ("default", "speculate", "tree", "no")] == [False, True, True, False]
     assert outs["default"]["tokens_per_step"] == 1.0 and outs["default"]["decode_steps"] == outs["no"]["decode_steps"]
     assert len({tuple(o["tokens"]) for o in outs.values()}) == 1
+
+    config["speculative_streaming"]["tuned_on"] = "gpu: Apple M9 Imaginary (applegpu_g99)"  # tuned elsewhere
+    (d / "config.json").write_text(json.dumps(config))
+    done = run("--model", str(d), "--prompt", "abc", "--max-tokens", "12", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["speculate"] is True
+    assert "tuned on (gpu: Apple M9 Imaginary (applegpu_g99))" in done.stderr and "specstream tune" in done.stderr
+    assert "warning: This model's config" in done.stderr and "UserWarning" not in done.stderr  # one plain line

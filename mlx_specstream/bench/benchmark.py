@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from ..device import describe_device
 from ..generate import DEFAULT_TREE, encode_prompt, resolve_tree
 from ..loading import load, resolve_model_path
 from ..sampling import SamplingParams
@@ -82,6 +83,7 @@ def run_bench(
         save_default_tree(model_dir, tuned.tree, speculate=tuned.speculate)
         mdl.spec.default_tree = tuned.tree
         mdl.spec.speculate = None if tuned.speculate else False
+        mdl.spec.tuned_on = describe_device()
     used_tree = resolve_tree(mdl, tree)
 
     with phase("Loading baselines" if wanted else "Preparing"):
@@ -122,7 +124,7 @@ def run_bench(
             max_tokens=max_tokens, temp=temp, repeats=repeats, seed=seed, num_draft=num_draft,
             tree=_tree_text(mdl, tree),
             tree_size=used_tree.size if used_tree is not None else 1, num_streams=mdl.num_streams,
-            device=_device(), blas=_blas_kind(),
+            device=describe_device(), blas=_blas_kind(),
         ),
     }
     if tuned is not None:
@@ -163,7 +165,7 @@ def run_tune(
     return dict(
         tuned.to_dict(), saved_to=saved_to, previous_tree=previous,
         settings=dict(model=str(model_dir), data=str(data), format=calib_data.format, max_tokens=max_tokens,
-                      num_streams=mdl.num_streams, device=_device(), blas=_blas_kind()),
+                      num_streams=mdl.num_streams, device=describe_device(), blas=_blas_kind()),
     )
 
 
@@ -183,12 +185,6 @@ def _tree_text(model, tree: Optional[str]) -> Optional[str]:
     if not model.num_streams:
         return None
     return tree or model.spec.default_tree or ",".join(map(str, DEFAULT_TREE[: model.num_streams]))
-
-
-def _device() -> str:
-    import mlx.core as mx
-
-    return str(mx.default_device())
 
 
 def _blas_kind() -> str:

@@ -113,7 +113,7 @@ def _tune_details(t: dict) -> list[str]:
             f"{f['modelled_speedup']:.2f}x)" for f in t.get("finalists", [])),
     ]
     if t["expected_speedup"] < 1.0:
-        then = ("saved as the model's default: it now decodes without speculation unless asked "
+        then = ("saved as the model's default on this device: it now decodes without speculation here unless asked "
                 "(`--speculate`, a `--tree`, `speculate=True`)" if t.get("saved_to")
                 else "decode without speculation here (`--no-speculate`, `speculate=False`)")
         lines.append(f"- **no tree is expected to beat plain decoding on this device** (best "

@@ -52,6 +52,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import CONFIG_KEY, SpecStreamConfig
+from ..device import describe_device
 from ..generate import generate_step
 from ..sampling import SamplingParams
 from ..tree import Tree, cartesian_tree, parse_tree_spec, sparse_tree
@@ -382,16 +383,20 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK)
 
 
-def save_default_tree(model_dir: str | os.PathLike, spec: str, speculate: bool = True) -> Path:
+def save_default_tree(model_dir: str | os.PathLike, spec: str, speculate: bool = True,
+                      device: Optional[str] = None) -> Path:
     """Write ``spec`` as ``speculative_streaming.default_tree`` in config.json, atomically
-    (where :func:`tree_destination` allows). ``speculate`` False also saves ``"speculate":
-    false`` (generation then decodes without speculation unless asked); True removes it."""
+    (where :func:`tree_destination` allows), with ``tuned_on``: the device it was measured on
+    (``device``, by default this process's :func:`~..device.describe_device`). ``speculate``
+    False also saves ``"speculate": false`` (generation on that device then decodes without
+    speculation unless asked); True removes it."""
     path = tree_destination(model_dir)
     config = json.loads(path.read_text())
     block = config.get(CONFIG_KEY)
     if not block:
         raise ValueError(f"{path} has no '{CONFIG_KEY}' block; only a speculative model has a default tree.")
     block["default_tree"] = spec
+    block["tuned_on"] = device if device is not None else describe_device()
     if speculate:
         block.pop("speculate", None)
     else:
