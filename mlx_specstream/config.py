@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -97,16 +98,29 @@ class SpecStreamConfig:
     loss_weights: Optional[list[float]] = None  # [a_0, a_1..a_γ]; None = rule 10 defaults
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SpecStreamConfig":
+    def from_dict(cls, d: dict[str, Any], unknown: str = "error") -> "SpecStreamConfig":
+        """Parse and validate a block. Keys this version does not know are an error
+        (``unknown="error"``: training and conversion write what they understand), or, with
+        ``"warn"``, ignored with a warning: generation reads model directories that a newer
+        version may have written (its tuning keys, say). By the checkpoint convention the
+        block describes only the streams, never the main stream, so ignoring a key can make
+        drafting worse but cannot change the tokens generated."""
         if not isinstance(d, dict):
             raise ValueError(f"'{CONFIG_KEY}' in config.json must be an object, got {type(d).__name__}.")
+        if unknown not in ("error", "warn"):
+            raise ValueError(f"unknown must be 'error' or 'warn', got {unknown!r}.")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(
-                f"Unknown keys in '{CONFIG_KEY}' block: {sorted(unknown)}. Known keys: {sorted(known)}."
+        extra = sorted(set(d) - known)
+        if extra and unknown == "error":
+            raise ValueError(f"Unknown keys in '{CONFIG_KEY}' block: {extra}. Known keys: {sorted(known)}.")
+        if extra:
+            warnings.warn(
+                f"Ignoring keys of the '{CONFIG_KEY}' block that this mlx-specstream does not know: {extra} "
+                f"(written by a newer version, or misspelt; known keys: {sorted(known)}). They concern only "
+                "the speculative streams, so the generated tokens are unchanged; upgrade mlx-specstream to use them.",
+                stacklevel=2,
             )
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k in known}
         if d.get("pruning") is not None:
             d["pruning"] = PruningConfig(**d["pruning"])
         if d.get("stream_lora") is not None:
@@ -180,9 +194,9 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({e}).") from e
 
 
-def spec_config_from(config: dict[str, Any]) -> Optional[SpecStreamConfig]:
-    """The parsed block, or None for a plain model."""
+def spec_config_from(config: dict[str, Any], unknown: str = "error") -> Optional[SpecStreamConfig]:
+    """The parsed block, or None for a plain model (``unknown`` as for :meth:`SpecStreamConfig.from_dict`)."""
     block = config.get(CONFIG_KEY)
     if block is None:
         return None
-    return SpecStreamConfig.from_dict(block)
+    return SpecStreamConfig.from_dict(block, unknown=unknown)

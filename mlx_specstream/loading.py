@@ -160,7 +160,7 @@ def load_model(
     path = Path(path)
     config = read_config(path)
     base = build_model(config)
-    spec = spec_config_from(config)
+    spec = spec_config_from(config, unknown="warn")  # a newer version's keys: ignored, with a warning
     weights = base.sanitize(_read_weights(path))
     quant = config.get("quantization")
     if quant:

@@ -62,6 +62,25 @@ def test_plain_directory_loads_autoregressive_only(tmp_path):
     assert len(ids) == 20 and all(s.accepted == 0 for s in steps)
 
 
+def test_a_newer_versions_block_keys_load_with_a_warning_and_change_no_token(tiny_dir, tmp_path):
+    """Generation reads a model directory whose block has keys this version does not know (a
+    newer version's): it warns and ignores them, with the same tokens; training and conversion
+    (``from_dict``'s default) still refuse them."""
+    model, _ = load(tiny_dir)
+    want = run_tokens(model, [1, 2, 3], 30, tree="2,1")[0]
+    d = _copy(tiny_dir, tmp_path / "newer")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["speculative_streaming"]["draft_temperature"] = 0.7
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match=r"does not know: \['draft_temperature'\].*tokens are unchanged"):
+        newer, _ = load(d)
+    assert run_tokens(newer, [1, 2, 3], 30, tree="2,1")[0] == want
+    with pytest.raises(ValueError, match=r"Unknown keys in 'speculative_streaming' block: \['draft_temperature'\]"):
+        SpecStreamConfig.from_dict(cfg["speculative_streaming"])
+    with pytest.raises(ValueError, match="unknown must be"):
+        SpecStreamConfig.from_dict({}, unknown="ignore")
+
+
 def test_existing_directory_not_overwritten(tiny_dir):
     with pytest.raises(FileExistsError, match="already exists"):
         write_tiny_model_dir(tiny_dir)

@@ -401,7 +401,7 @@ def save_default_tree(model_dir: str | os.PathLike, spec: str, speculate: bool =
         block.pop("speculate", None)
     else:
         block["speculate"] = False
-    streams = SpecStreamConfig.from_dict(block).num_streams  # still a valid block
+    streams = SpecStreamConfig.from_dict(block, unknown="warn").num_streams  # still a valid block (a newer version's keys stay)
     tree = parse_tree_spec(spec)
     if tree.size < 2 or tree.max_depth > streams:
         raise ValueError(f"Tree {spec!r} needs 1 to {streams} levels of drafts for this model's {streams} streams.")
