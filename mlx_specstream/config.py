@@ -104,7 +104,7 @@ class SpecStreamConfig:
         ``"warn"``, ignored with a warning: generation reads model directories that a newer
         version may have written (its tuning keys, say). By the checkpoint convention the
         block describes only the streams, never the main stream, so ignoring a key can make
-        drafting worse but cannot change the tokens generated."""
+        drafting worse but cannot change the output (greedy tokens, or sampling's distribution)."""
         if not isinstance(d, dict):
             raise ValueError(f"'{CONFIG_KEY}' in config.json must be an object, got {type(d).__name__}.")
         if unknown not in ("error", "warn"):
@@ -117,7 +117,8 @@ class SpecStreamConfig:
             warnings.warn(
                 f"Ignoring keys of the '{CONFIG_KEY}' block that this mlx-specstream does not know: {extra} "
                 f"(written by a newer version, or misspelt; known keys: {sorted(known)}). They concern only "
-                "the speculative streams, so the generated tokens are unchanged; upgrade mlx-specstream to use them.",
+                "the speculative streams, so the output is unchanged (greedy: the same tokens; sampling: the same "
+                "distribution), only drafting may differ; upgrade mlx-specstream to use them.",
                 stacklevel=2,
             )
         d = {k: v for k, v in d.items() if k in known}
