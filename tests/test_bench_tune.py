@@ -4,6 +4,7 @@ speculative decoding, and ``bench --tune`` writing a default tree that loads bac
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import mlx.core as mx
@@ -244,6 +245,10 @@ def test_tune_command_saves_the_choice_and_no_save_leaves_the_model_alone(model_
     assert (d / "config.json").read_bytes() == before and r["saved_to"] is None and "not saved" in out.out
     assert r["previous_tree"] == "2,1" and r["calibration_prompts"] == 2
     assert r["finalists"][0]["tree"] == r["tree"] and f"chose tree {r['tree']}" in out.out
+    stages = [line for line in out.err.splitlines() if line.startswith("Tuning ")]  # each stage, timed
+    assert [line[:10] for line in stages] == ["Tuning 1/3", "Tuning 2/3", "Tuning 3/3"]
+    assert all(re.search(r" done \(\d+\.\ds\)$", line) for line in stages)
+    assert f"step cost of {len(tune_mod.cost_shapes(r['settings']['num_streams']))} tree shapes, 1 round " in stages[1]
 
     code = main(["tune", "--model", str(d), "--data", str(data), "--num-samples", "2", "--max-tokens", "12",
                  "--json", "-"])

@@ -172,8 +172,7 @@ def run_tune(
 def _tune(mdl, tokenizer, data, num_samples: int, max_tokens: int, eos: set[int], phase):
     """Tune on the first ``num_samples`` prompts of ``data`` (a :class:`.data.BenchData`)."""
     calib = [encode_prompt(tokenizer, bench_prompt(mdl, ex, data)) for ex in data.examples[:num_samples]]
-    with phase(f"Tuning the tree on {len(calib)} calibration prompts"):
-        return tune_tree(mdl, calib, max_tokens, eos)
+    return tune_tree(mdl, calib, max_tokens, eos, phase=phase)  # one status line per stage
 
 
 def _text(tokenizer, tokens: list[int], eos: set[int]) -> str:

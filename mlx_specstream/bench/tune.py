@@ -38,6 +38,7 @@ Calibrating on the benchmark prompts themselves is optimistic: prefer a separate
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import heapq
 import json
@@ -46,7 +47,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, ContextManager, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -152,6 +153,11 @@ def cost_tree(n: int, depth: int) -> Tree:
     return sparse_tree(chain + [(r,) for r in range(1, n - depth)])
 
 
+def cost_shapes(num_streams: int) -> list[tuple[int, int]]:
+    """``(depth, nodes)`` of every tree :func:`step_costs` times: ``COST_SIZES`` at each depth."""
+    return [(d, n) for d in range(1, num_streams + 1) for n in COST_SIZES if d < n <= MAX_NODES]
+
+
 def step_costs(model, context: list[int], rounds: Optional[int] = None,
                steps: Optional[int] = None) -> tuple[float, dict[int, list[float]], dict[int, list[float]]]:
     """``(c_ar, fitted, raw)`` in seconds; ``fitted[d][n - 1]`` is the cost of a tree of ``n``
@@ -190,7 +196,7 @@ def step_costs(model, context: list[int], rounds: Optional[int] = None,
 
     depths = range(1, model.num_streams + 1)
     sizes = {d: [n for n in COST_SIZES if d < n <= MAX_NODES] for d in depths}
-    configs = [(d, n, dict(tree=cost_tree(n, d))) for d in depths for n in sizes[d]]
+    configs = [(d, n, dict(tree=cost_tree(n, d))) for d, n in cost_shapes(model.num_streams)]
     ar_times: list[float] = []
     ratios: list[list[float]] = [[] for _ in configs]
     for _ in range(rounds):
@@ -303,23 +309,29 @@ def time_finalists(model, prompts: Sequence[list[int]], trees: Sequence[str], ma
 
 
 def tune_tree(model, prompts: Sequence[list[int]], max_tokens: int, eos: set[int],
-              rounds: Optional[int] = None, final_rounds: Optional[int] = None) -> TuneResult:
+              rounds: Optional[int] = None, final_rounds: Optional[int] = None,
+              phase: Optional[Callable[[str], ContextManager]] = None) -> TuneResult:
     """Measure, model, time the finalists, and choose the fastest (module docstring).
 
     ``rounds``: of the step-cost windows (``COST_ROUNDS``); ``final_rounds``: of the finalists'
-    generations (``FINAL_ROUNDS``).
+    generations (``FINAL_ROUNDS``). ``phase(message)``: a context manager around each of the
+    three stages (the CLI shows it with the stage's duration: on a large model each takes
+    minutes).
     """
+    phase = phase or (lambda message: contextlib.nullcontext())
     if not model.num_streams:
         raise ValueError("--tune needs a model with speculative streams; this model has none.")
     if not prompts:
         raise ValueError("--tune needs at least one calibration prompt.")
     g = model.num_streams
-    cal = calibrate(model, prompts, max_tokens, eos)
+    with phase(f"Tuning 1/3: acceptance of the streams over greedy continuations of {len(prompts)} prompts"):
+        cal = calibrate(model, prompts, max_tokens, eos)
     if sum(cal.emitted) < 2:
         raise ValueError("The calibration prompts generated no tokens to tune on; "
                          "use other prompts or more --max-tokens.")
     acc = cal.rank_acceptance(g)
-    c_ar, cost, raw = step_costs(model, cal.contexts[0], rounds)
+    with phase(f"Tuning 2/3: step cost of {len(cost_shapes(g))} tree shapes, {_rounds(rounds or COST_ROUNDS)}"):
+        c_ar, cost, raw = step_costs(model, cal.contexts[0], rounds)
 
     trees = [(cartesian_tree(ks), ks) for ks in cartesian_candidates(g)]
     paths = greedy_paths(acc)
@@ -342,7 +354,9 @@ def tune_tree(model, prompts: Sequence[list[int]], max_tokens: int, eos: set[int
         by_size[s["size"]] = max(by_size.get(s["size"], 0.0), s["speedup"])
 
     modelled = {s["tree"]: s for s in scored[:FINALISTS]}
-    ar_rate, timed = time_finalists(model, prompts, list(modelled), max_tokens, eos, final_rounds)
+    with phase(f"Tuning 3/3: the {len(modelled)} best-modelled trees and plain decoding timed in generations "
+               f"from {len(prompts)} prompts, {_rounds(final_rounds or FINAL_ROUNDS)}"):
+        ar_rate, timed = time_finalists(model, prompts, list(modelled), max_tokens, eos, final_rounds)
     finalists = sorted(
         (dict(f, size=modelled[f["tree"]]["size"], modelled_speedup=modelled[f["tree"]]["speedup"],
               expected_tokens_per_step=modelled[f["tree"]]["tokens_per_step"]) for f in timed),
@@ -356,6 +370,10 @@ def tune_tree(model, prompts: Sequence[list[int]], max_tokens: int, eos: set[int
         candidates=scored[:8], finalists=finalists, calibration_prompts=len(prompts),
         calibration_tokens=sum(cal.emitted),
     )
+
+
+def _rounds(n: int) -> str:
+    return f"{n} round" + ("" if n == 1 else "s")
 
 
 def tree_destination(model_dir: str | os.PathLike) -> Path:
