@@ -19,13 +19,16 @@ def describe_device() -> str:
     two hosts of one family, same core count, read alike.)
 
     Asked each time (the default device can change); the name comes from
-    ``mx.device_info()`` where this MLX has it, else from :mod:`platform`.
+    ``mx.device_info()`` where this MLX has it (``mx.metal.device_info()`` on older ones),
+    else from :mod:`platform`.
     """
     import mlx.core as mx
 
     kind = "gpu" if mx.default_device().type == mx.gpu else "cpu"
     info = {}
     query = getattr(mx, "device_info", None)
+    if query is None and kind == "gpu":  # MLX before mx.device_info(): Metal's own
+        query = getattr(getattr(mx, "metal", None), "device_info", None)
     if query is not None:
         try:
             info = dict(query())

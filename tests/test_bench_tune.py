@@ -164,6 +164,21 @@ def test_describe_device_names_the_kind_name_and_architecture():
         assert text.startswith("cpu: ") and text.endswith(f"({arch}), {os.cpu_count()} cores")
 
 
+def test_describe_device_falls_back_to_platform_where_mlx_cannot_say(monkeypatch):
+    import platform
+
+    def broken():
+        raise RuntimeError("no device info here")
+
+    monkeypatch.setattr(mx, "device_info", broken)
+    monkeypatch.setattr(platform, "processor", lambda: "Some CPU")
+    monkeypatch.setattr(platform, "machine", lambda: "riscv64")
+    text = describe_device()
+    assert text.split(": ", 1)[1].startswith("Some CPU (riscv64)")
+    monkeypatch.delattr(mx, "device_info")
+    assert describe_device() == text
+
+
 @pytest.mark.parametrize("speedup, speculate", [(0.93, False), (0.999, False), (1.0, True), (1.6, True)])
 def test_a_tuned_tree_is_the_default_only_when_it_beat_plain_decoding(speedup, speculate):
     result = TuneResult(tree="1", size=2, expected_tokens_per_step=1.4, expected_speedup=speedup,
