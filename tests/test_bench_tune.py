@@ -220,8 +220,11 @@ def test_bench_tune_writes_a_default_tree_that_loads_back(model_dir, tmp_path, c
     assert t["expected_tokens_per_step"] == pytest.approx(t["measured_tokens_per_step"])
     assert t["expected_speedup"] > 0 and t["step_cost_ar_s"] > 0
     assert set(t["step_cost_s"]) == {str(d) for d in range(1, model.num_streams + 1)}  # per tree depth
-    for costs in t["step_cost_s"].values():
-        assert len(costs) == 8 and costs == sorted(costs)
+    for costs in t["step_cost_s"].values():  # non-decreasing; None past the sizes timed (pruned)
+        timed = [c for c in costs if c is not None]
+        assert len(costs) == 8 and timed == sorted(timed) and costs[len(timed):] == [None] * (8 - len(timed))
+    assert 0 < t["cost_shapes_timed"] <= t["cost_shapes_total"] == len(tune_mod.cost_shapes(model.num_streams))
+    assert all(c["step_cost_s"] is not None for c in t["candidates"])
     # the choice is the fastest of the best-modelled trees, timed in generations
     fin = t["finalists"]
     assert 1 <= len(fin) <= tune_mod.FINALISTS
@@ -237,6 +240,28 @@ def test_bench_tune_writes_a_default_tree_that_loads_back(model_dir, tmp_path, c
     for expected, says in ((0.8, True), (1.2, False)):
         t["expected_speedup"] = expected
         assert ("no tree is expected to beat plain decoding" in report.markdown(r)) == says
+
+
+def test_cost_sweep_stops_timing_a_depth_whose_trees_cannot_pay(monkeypatch):
+    """Fake timers: a tree of n nodes costs n/2 AR steps at every depth. With the most tokens
+    per step a depth can reach (``ceiling``), bigger trees are timed only while that could
+    still decode at PRUNE_BELOW of plain speed; later rounds time only the survivors."""
+    monkeypatch.setattr(tune_mod, "PRUNE_BELOW", 0.8)
+    shapes = [(1, n) for n in (2, 3, 4, 6, 8)] + [(2, n) for n in (3, 4, 6, 8, 12, 16)]
+    calls = []
+
+    def tree(d, n):
+        calls.append((d, n))
+        return 0.01 * n / 2
+
+    c_ar, costs = tune_mod.cost_sweep(shapes, lambda: 0.01, tree, rounds=2, ceiling={1: 1.9, 2: 2.5})
+    assert c_ar == pytest.approx(0.01)
+    # depth 1: 1.9 / 3 < 0.8 at n=6 (cost ratio 3), the last timed; depth 2: 2.5 / 4 < 0.8 at n=8
+    assert sorted(costs) == [(1, 2), (1, 3), (1, 4), (1, 6), (2, 3), (2, 4), (2, 6), (2, 8)]
+    assert costs[(2, 8)] == pytest.approx(0.04)
+    assert calls[:8] == calls[8:] == sorted(costs)  # round 2 times the same shapes, no others
+    _, everything = tune_mod.cost_sweep(shapes, lambda: 0.01, tree, rounds=1)
+    assert sorted(everything) == sorted(shapes)  # no ceiling: nothing skipped
 
 
 def test_cost_trees_have_the_size_and_depth_asked_for():
@@ -263,7 +288,7 @@ def test_tune_command_saves_the_choice_and_no_save_leaves_the_model_alone(model_
     stages = [line for line in out.err.splitlines() if line.startswith("Tuning ")]  # each stage, timed
     assert [line[:10] for line in stages] == ["Tuning 1/3", "Tuning 2/3", "Tuning 3/3"]
     assert all(re.search(r" done \(\d+\.\ds\)$", line) for line in stages)
-    assert f"step cost of {len(tune_mod.cost_shapes(r['settings']['num_streams']))} tree shapes, 1 round " in stages[1]
+    assert f"step cost of up to {len(tune_mod.cost_shapes(r['settings']['num_streams']))} tree shapes, 1 round " in stages[1]
 
     code = main(["tune", "--model", str(d), "--data", str(data), "--num-samples", "2", "--max-tokens", "12",
                  "--json", "-"])

@@ -101,8 +101,9 @@ def _tune_details(t: dict) -> list[str]:
     lines = [
         f"- step cost: AR {1e3 * t['step_cost_ar_s']:.2f} ms; tree of n nodes, depth d (d: n ms): "
         + "; ".join(f"d={d}: " + ", ".join(f"{n}: {1e3 * c:.2f}" for n, c in enumerate(costs, 1)
-                                            if n in (2, 4, 8, 16, 32) and n > int(d))
-                    for d, costs in t["step_cost_s"].items()),
+                                            if n in (2, 4, 8, 16, 32) and n > int(d) and c is not None)
+                    for d, costs in t["step_cost_s"].items())
+        + _untimed(t),
         "- rank acceptance P(stream j's rank-r token is the main stream's), rows j = 1..: "
         + "; ".join(" ".join(f"{p:.2f}" for p in row[:4]) for row in t["rank_acceptance"]),
         "- best candidates by the step-cost model: " + ", ".join(
@@ -119,6 +120,15 @@ def _tune_details(t: dict) -> list[str]:
         lines.append(f"- **no tree is expected to beat plain decoding on this device** (best "
                      f"{t['expected_speedup']:.2f}x): {then}")
     return lines
+
+
+def _untimed(t: dict) -> str:
+    """Why some tree shapes have no step cost (tune skips a depth's bigger trees once they cannot pay)."""
+    timed, total = t.get("cost_shapes_timed", 0), t.get("cost_shapes_total", 0)
+    if not total or timed >= total:
+        return ""
+    return (f" ({timed} of {total} shapes timed: a depth's bigger trees were skipped once even its best "
+            f"tree, at the cost measured, would decode below {t.get('cost_prune_below', 0):.0%} of plain decoding's speed)")
 
 
 def write_json(result: dict, path: str | os.PathLike) -> None:

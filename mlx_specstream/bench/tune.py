@@ -8,7 +8,11 @@ Two measurements, a model of tokens/s, then the best-modelled trees timed for re
    step, decoding from a calibration prompt. Rounds interleave the configurations, each timed
    right after an AR step window and costed by its median ratio to it (the host's speed
    drifts); the costs are made non-decreasing in ``n`` (isotonic fit), since a bigger tree
-   never costs less.
+   never costs less. The acceptance replay (2) runs first, so that a depth's bigger trees
+   are not timed once even its best candidate could not come near plain decoding's speed at
+   the cost already measured (``PRUNE_BELOW``): on a CPU, where big trees cost several plain
+   steps, that halves this stage or better; where tree steps are nearly free (a GPU) it
+   skips nothing.
 2. **Acceptance**: greedy continuations of the calibration prompts, then one teacher-forced
    pass with streams on every position (``model.all_logits``). At position p, stream j drafts
    the token the main stream chooses at p + j; ``R[p, j]`` is that token's rank in stream j's
@@ -67,6 +71,12 @@ COST_WARMUP_STEPS = 2  # steps run, not timed, first: the first step after the p
 COST_ROUNDS = 3
 FINALISTS = 4  # best-modelled trees timed in real generations
 FINAL_ROUNDS = 3  # rounds of those generations over the calibration prompts
+# A depth's larger trees are not timed once its best possible tree (the most tokens per step
+# of any candidate that deep), at the cost just measured, would decode below this fraction of
+# plain decoding's speed: bigger trees cost at least as much (cost_sweep). Conservative: the
+# cost model has underestimated a finalist's measured speedup by up to ~35% (1.10x modelled,
+# 1.48x measured), so a tree skipped here would have to be off by ~65% to break even.
+PRUNE_BELOW = 0.6
 
 
 @dataclasses.dataclass
@@ -158,10 +168,46 @@ def cost_shapes(num_streams: int) -> list[tuple[int, int]]:
     return [(d, n) for d in range(1, num_streams + 1) for n in COST_SIZES if d < n <= MAX_NODES]
 
 
-def step_costs(model, context: list[int], rounds: Optional[int] = None,
-               steps: Optional[int] = None) -> tuple[float, dict[int, list[float]], dict[int, list[float]]]:
+def cost_sweep(shapes: Sequence[tuple[int, int]], time_ar: Callable[[], float],
+               time_tree: Callable[[int, int], float], rounds: int,
+               ceiling: Optional[dict[int, float]] = None) -> tuple[float, dict[tuple[int, int], float]]:
+    """Time the trees of ``shapes`` (``(depth, nodes)``, nodes increasing within a depth):
+    ``(c_ar, {shape: seconds})``.
+
+    Every tree window comes right after an AR window, and a shape's cost is the median over
+    ``rounds`` of its time relative to that AR window, times the median AR window (see
+    :func:`step_costs`). ``ceiling[d]``: the most tokens per step any candidate tree of depth
+    ``d`` reaches; once, in the first round, that over a shape's cost ratio is below
+    ``PRUNE_BELOW``, no bigger tree of that depth can pay, and none is timed again (they are
+    absent from the result). Pure scheduling: the timers are arguments.
+    """
+    ratios: dict[tuple[int, int], list[float]] = {}
+    ar_times: list[float] = []
+    active = list(shapes)
+    for r in range(rounds):
+        closed: set[int] = set()
+        timed = []
+        for d, n in active:
+            if d in closed:
+                continue
+            ar = time_ar()  # right before each shape: the host's speed of the moment
+            ar_times.append(ar)
+            ratio = time_tree(d, n) / ar
+            ratios.setdefault((d, n), []).append(ratio)
+            timed.append((d, n))
+            if r == 0 and ceiling is not None and ceiling.get(d, float("inf")) / ratio < PRUNE_BELOW:
+                closed.add(d)
+        active = timed
+    c_ar = statistics.median(ar_times)
+    return c_ar, {shape: c_ar * statistics.median(ratios[shape]) for shape in active}
+
+
+def step_costs(model, context: list[int], rounds: Optional[int] = None, steps: Optional[int] = None,
+               ceiling: Optional[dict[int, float]] = None
+               ) -> tuple[float, dict[int, list[Optional[float]]], dict[int, list[Optional[float]]]]:
     """``(c_ar, fitted, raw)`` in seconds; ``fitted[d][n - 1]`` is the cost of a tree of ``n``
-    nodes and depth ``d`` (n = 1..MAX_NODES; n <= d is not a valid tree and repeats the first).
+    nodes and depth ``d`` (n = 1..MAX_NODES; n <= d is not a valid tree and repeats the first),
+    None past the largest size timed at that depth (``ceiling``: see :func:`cost_sweep`).
 
     Times real decoding steps (``generate_step``: forward pass, acceptance, drafting, cache
     commit) after prefilling ``context``: each configuration decodes ``COST_WARMUP_STEPS``
@@ -194,25 +240,17 @@ def step_costs(model, context: list[int], rounds: Optional[int] = None,
                 break
         return statistics.fmean(times[COST_WARMUP_STEPS:] or times)
 
-    depths = range(1, model.num_streams + 1)
-    sizes = {d: [n for n in COST_SIZES if d < n <= MAX_NODES] for d in depths}
-    configs = [(d, n, dict(tree=cost_tree(n, d))) for d, n in cost_shapes(model.num_streams)]
-    ar_times: list[float] = []
-    ratios: list[list[float]] = [[] for _ in configs]
-    for _ in range(rounds):
-        for k, (_, _, kwargs) in enumerate(configs):
-            ar = one(speculate=False)  # right before each configuration: the host's speed of the moment
-            ar_times.append(ar)
-            ratios[k].append(one(**kwargs) / ar)
-    c_ar = statistics.median(ar_times)
-    costs = {(d, n): c_ar * statistics.median(r) for (d, n, _), r in zip(configs, ratios)}
+    c_ar, costs = cost_sweep(cost_shapes(model.num_streams), lambda: one(speculate=False),
+                             lambda d, n: one(tree=cost_tree(n, d)), rounds, ceiling)
     fitted, raw = {}, {}
-    for d in depths:
-        if not sizes[d]:
+    for d in range(1, model.num_streams + 1):
+        sizes = sorted(n for depth, n in costs if depth == d)
+        if not sizes:
             continue
-        ys = [costs[(d, n)] for n in sizes[d]]
-        raw[d] = [float(np.interp(n, sizes[d], ys)) for n in range(1, MAX_NODES + 1)]
-        fitted[d] = _monotone(raw[d])
+        ys = [costs[(d, n)] for n in sizes]
+        timed = [float(np.interp(n, sizes, ys)) for n in range(1, sizes[-1] + 1)]
+        untimed = [None] * (MAX_NODES - sizes[-1])
+        raw[d], fitted[d] = timed + untimed, _monotone(timed) + untimed
     return c_ar, fitted, raw
 
 
@@ -275,6 +313,8 @@ class TuneResult:
     finalists: list[dict]  # the candidates timed in generations, best measured first
     calibration_prompts: int
     calibration_tokens: int
+    cost_shapes_timed: int = 0  # tree shapes whose step cost was timed (the rest could not pay)
+    cost_shapes_total: int = 0
 
     @property
     def speculate(self) -> bool:
@@ -283,8 +323,8 @@ class TuneResult:
         return self.expected_speedup >= 1.0
 
     def to_dict(self) -> dict:
-        """The fields and :attr:`speculate`, for reports and JSON."""
-        return dict(vars(self), speculate=self.speculate)
+        """The fields, :attr:`speculate` and the pruning threshold, for reports and JSON."""
+        return dict(vars(self), speculate=self.speculate, cost_prune_below=PRUNE_BELOW)
 
 
 def time_finalists(model, prompts: Sequence[list[int]], trees: Sequence[str], max_tokens: int, eos: set[int],
@@ -330,22 +370,30 @@ def tune_tree(model, prompts: Sequence[list[int]], max_tokens: int, eos: set[int
         raise ValueError("The calibration prompts generated no tokens to tune on; "
                          "use other prompts or more --max-tokens.")
     acc = cal.rank_acceptance(g)
-    with phase(f"Tuning 2/3: step cost of {len(cost_shapes(g))} tree shapes, {_rounds(rounds or COST_ROUNDS)}"):
-        c_ar, cost, raw = step_costs(model, cal.contexts[0], rounds)
-
     trees = [(cartesian_tree(ks), ks) for ks in cartesian_candidates(g)]
     paths = greedy_paths(acc)
     trees += [(sparse_tree(paths[:n]), None) for n in range(1, len(paths) + 1)]
-    scored = []
+    candidates = []
     seen = set()
     for tree, ks in trees:
-        if tree.paths in seen:
+        if tree.paths in seen or tree.size > MAX_NODES:
             continue
         seen.add(tree.paths)
-        if tree.size > MAX_NODES or tree.max_depth not in cost:
+        candidates.append((tree, ks, tokens_per_step(cal, tree)))
+    ceiling: dict[int, float] = {}
+    for tree, _, e in candidates:
+        ceiling[tree.max_depth] = max(ceiling.get(tree.max_depth, 0.0), e)
+
+    shapes = len(cost_shapes(g))
+    with phase(f"Tuning 2/3: step cost of up to {shapes} tree shapes, {_rounds(rounds or COST_ROUNDS)}"):
+        c_ar, cost, raw = step_costs(model, cal.contexts[0], rounds, ceiling=ceiling)
+    timed_shapes = sum(1 for d, n in cost_shapes(g) if d in cost and cost[d][n - 1] is not None)
+
+    scored = []
+    for tree, ks, e in candidates:
+        c = cost[tree.max_depth][tree.size - 1] if tree.max_depth in cost else None
+        if c is None:  # bigger than any tree timed at its depth: it cannot pay (cost_sweep)
             continue
-        e = tokens_per_step(cal, tree)
-        c = cost[tree.max_depth][tree.size - 1]
         scored.append(dict(tree=tree_spec(tree, ks), size=tree.size, depth=tree.max_depth, tokens_per_step=e,
                            speedup=e * c_ar / c, step_cost_s=c))
     scored.sort(key=lambda s: -s["speedup"])
@@ -368,7 +416,7 @@ def tune_tree(model, prompts: Sequence[list[int]], max_tokens: int, eos: set[int
         expected_ar_tokens_per_sec=ar_rate, step_cost_ar_s=c_ar, step_cost_s=cost, step_cost_raw_s=raw,
         rank_acceptance=acc.round(4).tolist(), best_speedup_by_size=dict(sorted(by_size.items())),
         candidates=scored[:8], finalists=finalists, calibration_prompts=len(prompts),
-        calibration_tokens=sum(cal.emitted),
+        calibration_tokens=sum(cal.emitted), cost_shapes_timed=timed_shapes, cost_shapes_total=shapes,
     )
 
 
