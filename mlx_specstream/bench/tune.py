@@ -305,8 +305,8 @@ class TuneResult:
     expected_ss_tokens_per_sec: float  # idem
     expected_ar_tokens_per_sec: float  # idem
     step_cost_ar_s: float
-    step_cost_s: dict[int, list[float]]  # fitted, [depth][n - 1] for a tree of n nodes
-    step_cost_raw_s: dict[int, list[float]]
+    step_cost_s: dict[int, list[Optional[float]]]  # fitted, [depth][n - 1] for a tree of n nodes; None: not timed
+    step_cost_raw_s: dict[int, list[Optional[float]]]
     rank_acceptance: list[list[float]]  # [depth][rank]
     best_speedup_by_size: dict[int, float]  # best modelled speedup among candidates of each size
     candidates: list[dict]  # the best few by modelled speedup, for the report
