@@ -26,7 +26,7 @@ from .baselines import build_modes, parse_baselines
 from .data import bench_prompt, load_bench_data
 from .metrics import quality
 from .runner import measure, speedups, summarize
-from .tune import save_default_tree, tree_destination, tune_tree
+from .tune import save_default_tree, tree_destination, tune_tree, tuning_fields
 
 
 def run_bench(
@@ -80,10 +80,10 @@ def run_bench(
     if tune:
         source = calib_data or bench_data
         tuned = _tune(mdl, tokenizer, source, tune_samples, max_tokens, eos, phase)
-        save_default_tree(model_dir, tuned.tree, speculate=tuned.speculate)
-        mdl.spec.default_tree = tuned.tree
-        mdl.spec.speculate = None if tuned.speculate else False
-        mdl.spec.tuned_on = describe_device()
+        fields = tuning_fields(tuned.tree, tuned.speculate)
+        save_default_tree(model_dir, tuned.tree, speculate=tuned.speculate, device=fields["tuned_on"])
+        for key, value in fields.items():  # the loaded model as the saved config now describes it
+            setattr(mdl.spec, key, value)
     used_tree = resolve_tree(mdl, tree)
 
     with phase("Loading baselines" if wanted else "Preparing"):

@@ -51,7 +51,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, ContextManager, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -449,6 +449,15 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK)
 
 
+def tuning_fields(spec: str, speculate: bool = True, device: Optional[str] = None) -> dict[str, Any]:
+    """The ``speculative_streaming`` keys a tuning result sets, the one place that maps it to
+    them: ``default_tree``, ``speculate`` (False when plain decoding was faster; None, i.e. no
+    key, otherwise) and ``tuned_on`` (``device``, by default this process's
+    :func:`~..device.describe_device`)."""
+    return {"default_tree": spec, "speculate": None if speculate else False,
+            "tuned_on": device if device is not None else describe_device()}
+
+
 def save_default_tree(model_dir: str | os.PathLike, spec: str, speculate: bool = True,
                       device: Optional[str] = None) -> Path:
     """Write ``spec`` as ``speculative_streaming.default_tree`` in config.json, atomically
@@ -461,12 +470,11 @@ def save_default_tree(model_dir: str | os.PathLike, spec: str, speculate: bool =
     block = config.get(CONFIG_KEY)
     if not block:
         raise ValueError(f"{path} has no '{CONFIG_KEY}' block; only a speculative model has a default tree.")
-    block["default_tree"] = spec
-    block["tuned_on"] = device if device is not None else describe_device()
-    if speculate:
-        block.pop("speculate", None)
-    else:
-        block["speculate"] = False
+    for key, value in tuning_fields(spec, speculate, device).items():
+        if value is None:
+            block.pop(key, None)
+        else:
+            block[key] = value
     streams = SpecStreamConfig.from_dict(block, unknown="warn").num_streams  # still a valid block (a newer version's keys stay)
     tree = parse_tree_spec(spec)
     if tree.size < 2 or tree.max_depth > streams:
