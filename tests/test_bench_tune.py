@@ -25,7 +25,7 @@ from mlx_specstream.bench.tune import (
 )
 from mlx_specstream.cli.main import main
 from mlx_specstream.config import SpecStreamConfig
-from mlx_specstream.device import describe_device
+from mlx_specstream.device import cpu_model_numbers, describe_device
 from mlx_specstream.generate import generate_step, resolve_tree, speculates_by_default, will_speculate
 from mlx_specstream.loading import load_model
 from mlx_specstream.testing import write_tiny_model_dir
@@ -161,7 +161,43 @@ def test_describe_device_names_the_kind_name_and_architecture():
     assert re.fullmatch(r"(cpu: .+ \(.+\), \d+ cores|gpu: .+ \(.+\))", text)
     if mx.default_device() == mx.cpu:
         arch = mx.device_info().get("architecture") or platform.machine()
-        assert text.startswith("cpu: ") and text.endswith(f"({arch}), {os.cpu_count()} cores")
+        model = cpu_model_numbers()
+        detail = f"{arch}, {model}" if model else arch
+        assert text.startswith("cpu: ") and text.endswith(f"({detail}), {os.cpu_count()} cores")
+
+
+X86_CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 17
+model name\t: AMD EPYC
+stepping\t: 1
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+cpu family\t: 23
+model\t\t: 49
+model name\t: AMD EPYC
+"""
+
+ARM_CPUINFO = """processor\t: 0
+BogoMIPS\t: 243.75
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU part\t: 0xd0c
+"""
+
+
+@pytest.mark.parametrize("text, expected", [
+    (X86_CPUINFO, "family 25 model 17"),  # the first processor's, not "model name"'s
+    (ARM_CPUINFO, "implementer 0x41 part 0xd0c"),
+    ("processor\t: 0\nmodel name\t: Some CPU\n", None),
+])
+def test_cpu_model_numbers_tell_apart_hosts_of_one_product_name(tmp_path, text, expected):
+    info = tmp_path / "cpuinfo"
+    info.write_text(text)
+    assert cpu_model_numbers(info) == expected
+    assert cpu_model_numbers(tmp_path / "missing") is None
 
 
 def test_describe_device_falls_back_to_platform_where_mlx_cannot_say(monkeypatch):
@@ -174,7 +210,7 @@ def test_describe_device_falls_back_to_platform_where_mlx_cannot_say(monkeypatch
     monkeypatch.setattr(platform, "processor", lambda: "Some CPU")
     monkeypatch.setattr(platform, "machine", lambda: "riscv64")
     text = describe_device()
-    assert text.split(": ", 1)[1].startswith("Some CPU (riscv64)")
+    assert text.split(": ", 1)[1].startswith("Some CPU (riscv64")
     monkeypatch.delattr(mx, "device_info")
     assert describe_device() == text
 
