@@ -53,6 +53,7 @@ class ConversionResult:
     renamed: dict[str, str]
     merged: list[str]
     quantization: Optional[QuantReport] = None
+    retune: Optional[str] = None  # why the output should be tuned again (see _tuning_for)
 
     def summary(self) -> str:
         lines = [
@@ -72,6 +73,8 @@ class ConversionResult:
             )
         elif self.quantization is not None:
             lines.append(self.quantization.table())
+        if self.retune:
+            lines.append(self.retune)
         return "\n".join(lines)
 
 
@@ -130,6 +133,7 @@ def convert(
         refs, merged = merge_adapter(refs, src)
     refs = _with_extras(refs, src, base_dir)
     plan = plan_mapping(config, refs, spec)
+    spec, retune = _tuning_for(spec, _weights_change(plan, dtype, quantize, q_bits), dst)
 
     qshapes = quantized_shapes(plan.skeleton, q_bits, q_group_size) if quantize else None
     report = QuantReport(q_bits, q_group_size) if quantize else None
@@ -143,8 +147,43 @@ def convert(
         for name, path in tokenizer_files(*([src, base_dir] if adapter else [src])).items():
             shutil.copy2(path, tmp / name)
     return ConversionResult(
-        dst.resolve(), files, len(plan.base), total, list(plan.extras), plan.dropped, plan.renamed, merged, report
+        dst.resolve(), files, len(plan.base), total, list(plan.extras), plan.dropped, plan.renamed, merged, report,
+        retune,
     )
+
+
+def _weights_change(plan: MappingPlan, dtype, quantize: bool, bits) -> Optional[str]:
+    """How the output's base weights differ from the source's ("4-bit", "float16"), else None."""
+    if quantize:
+        return f"{bits}-bit"
+    if dtype is not None and any(output_dtype(r, dtype) != output_dtype(r, None) for r in plan.base.values()):
+        return dtype
+    return None
+
+
+def _tuning_for(spec, change: Optional[str], dst: Path):
+    """The block to write and a note, when the source was tuned but the weights change.
+
+    ``specstream tune`` measured its tree and its ``speculate`` verdict on the source's
+    weights: on a CPU a 4-bit tree step costs more against a plain step than a float32 one
+    (quantized matmuls are not batched over tokens), so that verdict does not describe the
+    output. ``speculate`` and ``tuned_on`` are dropped (the output speculates by default, as
+    an untuned model does); ``default_tree`` stays as the starting tree; the note says to tune.
+    """
+    if spec is None or change is None or (spec.default_tree is None and spec.speculate is None):
+        return spec, None
+    notes = []
+    if spec.default_tree is not None:
+        notes.append(f"The source's default_tree {spec.default_tree!r} was chosen for its own weights, not "
+                     f"{change} ones; it is kept as a starting point.")
+    if spec.speculate is not None or spec.tuned_on is not None:
+        verdict = "plain decoding" if spec.speculate is False else "speculation"
+        where = f" on {spec.tuned_on}" if spec.tuned_on else ""
+        notes.append(f"The source's tuned verdict ({verdict}{where}) does not describe {change} weights and was "
+                     "not carried over.")
+        spec = dataclasses.replace(spec, speculate=None, tuned_on=None)
+    notes.append(f"Run `specstream tune --model {dst}` on the device you decode on.")
+    return spec, " ".join(notes)
 
 
 def _check_args(dtype, quantize, bits, group_size, max_shard_size) -> None:

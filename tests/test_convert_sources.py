@@ -85,6 +85,32 @@ def test_quantized_output_config_and_report(tmp_path):
     assert result.quantization.kinds["self_attn.q_proj"].tensors == 4
 
 
+
+def test_a_tuning_verdict_is_not_carried_into_other_weights(tmp_path):
+    """tune measured the source's float32 weights: a 4-bit or float16 output keeps the tree as a
+    starting point but not the speculate verdict or its device, and the summary says to re-tune."""
+    src = copy_checkpoint(tiny_checkpoint("llama"), tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config[CONFIG_KEY].update(default_tree="1,1", speculate=False, tuned_on="cpu: Some CPU (x86_64), 2 cores")
+    (src / "config.json").write_text(json.dumps(config))
+
+    def block(out):
+        return json.loads((out / "config.json").read_text())[CONFIG_KEY]
+
+    same = convert(src, tmp_path / "copy")
+    assert block(tmp_path / "copy")["speculate"] is False and same.retune is None  # same weights: still true
+    assert "tune" not in same.summary()
+    for name, kwargs, change in [("q4", dict(quantize=True, q_bits=4, q_group_size=32), "4-bit"),
+                                 ("f16", dict(dtype="float16"), "float16")]:
+        result = convert(src, tmp_path / name, **kwargs)
+        got = block(tmp_path / name)
+        assert got["default_tree"] == "1,1" and "speculate" not in got and "tuned_on" not in got, name
+        assert load_model(tmp_path / name)[0].spec.speculate is None  # speculates, as an untuned model
+        text = result.summary()
+        assert f"not {change} ones" in text and "(plain decoding on cpu: Some CPU (x86_64), 2 cores)" in text
+        assert f"specstream tune --model {tmp_path / name}" in text
+    assert convert(src, tmp_path / "f32", dtype="float32").retune is None  # already float32
+
 def _lora_adapter(base_dir, out_dir, embedding: bool):
     """A peft LoRA adapter on ``base_dir`` with random (non-zero) B matrices; returns the merged HF model."""
     from peft import LoraConfig, get_peft_model
