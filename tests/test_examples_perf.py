@@ -91,6 +91,38 @@ def test_fused_ab_prints_four_speeds_two_ratios_and_no_differing_outputs(monkeyp
     assert all(float(c) > 0 for c in cells[1:5])
     assert "were not all the same: 0 of 2" in out
 
+def test_pipeline_ab_prints_four_speeds_and_no_differing_outputs(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(PERF))
+    out = _run_ab_script(monkeypatch, capsys, "pipeline")
+    cells = _first_round(out)
+    assert len(cells) == 1 + 4 and all(float(c) > 0 for c in cells[1:])
+    assert "were not all the same: 0 of 2" in out  # pipelined steps decode the same tokens
+
+
+def test_interleaved_rounds_rotates_settings_and_counts_per_round_or_cumulatively(monkeypatch):
+    monkeypatch.syspath_prepend(str(PERF))
+    pipeline = importlib.import_module("pipeline")
+
+    def results(cumulative):
+        order = []
+
+        def run(name, prompt):  # round r: r tokens in 1 s; "b" decodes other tokens for p1
+            r = len(order) // 4 + 1
+            order.append(name)
+            return [1 if (name, prompt) == ("b", "p1") else 0] * r, 1.0
+
+        out = list(pipeline.interleaved_rounds(["a", "b"], ["p0", "p1"], run, rounds=2, warmup=0,
+                                               cumulative=cumulative))
+        assert order == ["a", "b", "b", "a"] * 2  # each prompt starts with the next setting in turn
+        return [tps for _, tps, _ in out], [differ for _, _, differ in out]
+
+    speeds, differ = results(cumulative=True)
+    assert speeds == [{"a": 1.0, "b": 1.0}, {"a": 1.5, "b": 1.5}]  # (2 + 4) tokens in 4 s
+    assert differ == [1, 2]
+    speeds, _ = results(cumulative=False)
+    assert speeds == [{"a": 1.0, "b": 1.0}, {"a": 2.0, "b": 2.0}]  # round 2 alone: 4 tokens in 2 s
+
+
 @pytest.mark.parametrize("tree", ["1,1", "2,1"])
 def test_split_pass_step_emits_and_drafts_what_the_joint_step_does(monkeypatch, tree):
     monkeypatch.syspath_prepend(str(PERF))

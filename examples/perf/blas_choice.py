@@ -90,8 +90,7 @@ def library_label(path: str) -> str:
 
 
 def run_settings(args, switch) -> None:
-    from fused import switched_runner
-    from pipeline import encoded_prompts, interleaved_rounds
+    from pipeline import encoded_prompts, interleaved_rounds, switched_runner
 
     from mlx_specstream import load
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import ctypes
 
-from fused import switched_runner  # this folder's helpers (its folder is on sys.path)
-from pipeline import encoded_prompts, generation_parser, interleaved_rounds
+from pipeline import encoded_prompts, generation_parser, interleaved_rounds, switched_runner  # this folder's helpers
 
 from mlx_specstream import load
 from mlx_specstream.blas import preload_command

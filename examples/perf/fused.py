@@ -13,15 +13,12 @@ with and without fusion. Outputs are checked to be the same tokens in all four s
 
 from __future__ import annotations
 
-import time
-
 import mlx.core as mx
 
 # this folder's helpers (its folder is on sys.path)
-from pipeline import encoded_prompts, generation_parser, interleaved_rounds
+from pipeline import encoded_prompts, generation, generation_parser, interleaved_rounds
 
 from mlx_specstream import load
-from mlx_specstream.generate import generate_step
 
 SETTINGS = {  # name: (fused, speculate)
     "AR, separate": (False, False),
@@ -29,37 +26,6 @@ SETTINGS = {  # name: (fused, speculate)
     "SS, separate": (False, True),
     "SS, fused": (True, True),
 }
-
-
-def generation(model, prompt: mx.array, eos: set[int], max_tokens: int, speculate: bool) -> tuple[list[int], float]:
-    """(tokens up to the first EOS or ``max_tokens``, decode seconds) of one greedy generation,
-    prefill excluded."""
-    tokens, start = [], None
-    for step in generate_step(model, prompt, max_tokens=max_tokens, speculate=speculate):
-        if step.prefill:
-            start = time.perf_counter()
-            continue
-        tokens += step.tokens
-        if eos & set(step.tokens):
-            break
-    elapsed = time.perf_counter() - start
-    tokens = tokens[: max_tokens - 1]  # a last step may overshoot; the prefill made the first token
-    end = next((i for i, t in enumerate(tokens) if t in eos), len(tokens) - 1)
-    return tokens[: end + 1], elapsed
-
-
-def switched_runner(model, eos: set[int], max_tokens: int, settings: dict, switch):
-    """``run(name, prompt)`` for settings ``{name: (value, speculate)}``: waits until no product
-    is in flight (a pipelined step may outlive its generation), calls ``switch(value)`` (a
-    process-wide setting such as the BLAS thread count), then runs :func:`generation`."""
-
-    def run(name: str, prompt: mx.array) -> tuple[list[int], float]:
-        value, speculate = settings[name]
-        mx.synchronize()
-        switch(value)
-        return generation(model, prompt, eos, max_tokens, speculate)
-
-    return run
 
 
 def main() -> None:
@@ -74,7 +40,7 @@ def main() -> None:
 
     def run(name: str, prompt: mx.array) -> tuple[list[int], float]:
         flag, speculate = SETTINGS[name]
-        return generation(models[flag], prompt, eos, args.max_tokens, speculate)
+        return generation(models[flag], prompt, eos, args.max_tokens, speculate=speculate)
 
     print("| round | " + " | ".join(SETTINGS) + " | SS/AR separate | SS/AR fused |\n|---|" + "---|" * (len(SETTINGS) + 2))
     for r, tps, differ in interleaved_rounds(list(SETTINGS), prompts, run, args.rounds):

@@ -1,7 +1,8 @@
 """Pipelined vs sequential decoding steps, AR and tree, in real generations.
 
 Generates greedily from the first N prompts of an E2E file with four settings, interleaved
-per prompt (as `specstream bench` interleaves its modes), and prints decode tokens/s per
+per prompt (as `specstream bench` interleaves its modes; each prompt starts with the next
+setting in turn), and prints decode tokens/s per
 setting after each round: cumulative, or of that round alone with ``--per-round`` (prefill
 excluded; each generation stops at EOS).
 
@@ -29,17 +30,35 @@ SETTINGS = {
 }
 
 
-def decode(model, prompt: mx.array, eos: set[int], max_tokens: int, **kwargs) -> tuple[int, float]:
-    """(decoded tokens, decode seconds) of one greedy generation, prefill excluded."""
-    n, start = 0, None
+def generation(model, prompt: mx.array, eos: set[int], max_tokens: int, **kwargs) -> tuple[list[int], float]:
+    """(tokens up to the first EOS or ``max_tokens``, decode seconds) of one greedy generation,
+    prefill excluded; ``kwargs`` go to ``generate_step`` (``speculate``, ``pipeline``, ...)."""
+    tokens, start = [], None
     for step in generate_step(model, prompt, max_tokens=max_tokens, **kwargs):
         if step.prefill:
             start = time.perf_counter()
             continue
-        n += len(step.tokens)
+        tokens += step.tokens
         if eos & set(step.tokens):
             break
-    return n, time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    tokens = tokens[: max_tokens - 1]  # a last step may overshoot; the prefill made the first token
+    end = next((i for i, t in enumerate(tokens) if t in eos), len(tokens) - 1)
+    return tokens[: end + 1], elapsed
+
+
+def switched_runner(model, eos: set[int], max_tokens: int, settings: dict, switch):
+    """``run(name, prompt)`` for settings ``{name: (value, speculate)}``: waits until no product
+    is in flight (a pipelined step may outlive its generation), calls ``switch(value)`` (a
+    process-wide setting such as the BLAS thread count), then runs :func:`generation`."""
+
+    def run(name: str, prompt: mx.array) -> tuple[list[int], float]:
+        value, speculate = settings[name]
+        mx.synchronize()
+        switch(value)
+        return generation(model, prompt, eos, max_tokens, speculate=speculate)
+
+    return run
 
 
 def generation_parser(description: str, num_samples: int, rounds: int) -> argparse.ArgumentParser:
@@ -59,18 +78,22 @@ def encoded_prompts(model, tokenizer, data: str, num_samples: int) -> list[mx.ar
     return [mx.array(tokenizer.encode(format_prompt(model, ex.prompt)), dtype=mx.int32) for ex in examples]
 
 
-def interleaved_rounds(names: list[str], prompts: list[mx.array], run, rounds: int, warmup: int = 5):
+def interleaved_rounds(names: list[str], prompts: list[mx.array], run, rounds: int, warmup: int = 5,
+                       cumulative: bool = True):
     """Time every setting on every prompt, ``rounds`` times over; each prompt starts with the
     next setting in turn. ``run(name, prompt)`` returns ``(tokens, decode seconds)``. First runs
     every setting untimed on the first ``warmup`` prompts (traces every step kind and cache
-    size). Yields ``(round, {name: cumulative decode tokens/s}, prompts whose outputs differed
-    so far)`` after each round."""
+    size). Yields ``(round, {name: decode tokens/s}, prompts whose outputs differed so far)``
+    after each round: tokens/s since the first round, or of that round alone when not
+    ``cumulative``."""
     for name in names:
         for p in prompts[:warmup]:
             run(name, p)
     totals = {name: [0, 0.0] for name in names}
     differ = 0
     for r in range(1, rounds + 1):
+        if not cumulative:
+            totals = {name: [0, 0.0] for name in names}
         for i, p in enumerate(prompts):
             outputs = []
             for name in names[i % len(names):] + names[: i % len(names)]:
@@ -97,21 +120,14 @@ def main() -> None:
     model, tokenizer = load(args.model)
     eos = set(tokenizer.eos_token_ids)
     prompts = encoded_prompts(model, tokenizer, args.data, args.num_samples)
-    for kwargs in settings.values():  # compile every trace first
-        for p in prompts[:5]:
-            decode(model, p, eos, args.max_tokens, **kwargs)
-    totals = {name: [0, 0.0] for name in settings}
-    print("| round | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings))
-    for r in range(1, args.rounds + 1):
-        if args.per_round:
-            totals = {name: [0, 0.0] for name in settings}
-        for p in prompts:
-            for name, kwargs in settings.items():
-                n, t = decode(model, p, eos, args.max_tokens, **kwargs)
-                totals[name][0] += n
-                totals[name][1] += t
-        print(f"| {r} | " + " | ".join(f"{n / t:.1f}" for n, t in totals.values()) + " |", flush=True)
 
+    def run(name: str, prompt: mx.array) -> tuple[list[int], float]:
+        return generation(model, prompt, eos, args.max_tokens, **settings[name])
+
+    print("| round | " + " | ".join(settings) + " |\n|---|" + "---|" * len(settings))
+    for r, tps, differ in interleaved_rounds(list(settings), prompts, run, args.rounds, cumulative=not args.per_round):
+        print(f"| {r} | " + " | ".join(f"{v:.1f}" for v in tps.values()) + " |", flush=True)
+    print(f"prompts whose outputs were not all the same: {differ} of {len(prompts) * args.rounds}")
 
 if __name__ == "__main__":
     main()
