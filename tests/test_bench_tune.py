@@ -278,6 +278,19 @@ def test_bench_tune_writes_a_default_tree_that_loads_back(model_dir, tmp_path, c
         assert ("no tree is expected to beat plain decoding" in report.markdown(r)) == says
 
 
+def test_the_report_shows_each_depths_largest_timed_tree():
+    """Sizes 2, 4, 8, ... where timed, plus the largest timed: a depth whose bigger trees tune
+    skipped after 3 nodes still shows that cost instead of an empty list."""
+    ms = 1e-3
+    costs = {"1": [2 * ms] * 3 + [None] * 5,  # 1 node repeats 2; timed up to 3 nodes
+             "2": [3 * ms] * 3 + [None] * 5,
+             "3": [4 * ms, 4 * ms, 4 * ms, 4 * ms, 5 * ms, 6 * ms, 7 * ms, 8 * ms]}
+    line = next(x for x in report._tune_details(dict(
+        step_cost_ar_s=ms, step_cost_s=costs, rank_acceptance=[], candidates=[], expected_speedup=1.2,
+        cost_shapes_timed=9, cost_shapes_total=12, cost_prune_below=0.6)) if x.startswith("- step cost"))
+    assert "d=1: 2: 2.00, 3: 2.00; d=2: 3: 3.00; d=3: 4: 4.00, 8: 8.00 (9 of 12 shapes timed" in line
+
+
 def test_cost_sweep_stops_timing_a_depth_whose_trees_cannot_pay(monkeypatch):
     """Fake timers: a tree of n nodes costs n/2 AR steps at every depth. With the most tokens
     per step a depth can reach (``ceiling``), bigger trees are timed only while that could

@@ -96,12 +96,18 @@ def tune_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _shown_sizes(depth: int, costs: list) -> list[int]:
+    """Tree sizes whose cost a report shows for one depth: 2, 4, 8, 16, 32 where timed, and the
+    largest size timed (when tune skipped a depth's bigger trees, it may be none of those)."""
+    timed = [n for n, c in enumerate(costs, 1) if c is not None and n > depth]
+    return [n for n in timed if n in (2, 4, 8, 16, 32) or n == timed[-1]]
+
+
 def _tune_details(t: dict) -> list[str]:
     """The measurements behind a tuned tree: step costs, acceptance, candidates, finalists."""
     lines = [
         f"- step cost: AR {1e3 * t['step_cost_ar_s']:.2f} ms; tree of n nodes, depth d (d: n ms): "
-        + "; ".join(f"d={d}: " + ", ".join(f"{n}: {1e3 * c:.2f}" for n, c in enumerate(costs, 1)
-                                            if n in (2, 4, 8, 16, 32) and n > int(d) and c is not None)
+        + "; ".join(f"d={d}: " + ", ".join(f"{n}: {1e3 * costs[n - 1]:.2f}" for n in _shown_sizes(int(d), costs))
                     for d, costs in t["step_cost_s"].items())
         + _untimed(t),
         "- rank acceptance P(stream j's rank-r token is the main stream's), rows j = 1..: "
