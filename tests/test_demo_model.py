@@ -6,6 +6,14 @@ from mlx_specstream.prompting import format_prompt
 MR = "name[The Eagle], eatType[coffee shop], food[French], area[riverside], near[Burger King]"
 
 
+def _tokens_and_rate(model, tok, prompt, **kwargs) -> tuple[list[int], float]:
+    """40 tokens of the demo's generation and its tokens per step."""
+    ids = []
+    for r in stream_generate(model, tok, prompt, max_tokens=40, **kwargs):
+        ids += r.token_ids
+    return ids, r.tokens_per_step
+
+
 def test_demo_model_default_and_lossless():
     model, tok = load()
     assert model.num_streams == 4 and model.spec.default_tree
@@ -30,20 +38,14 @@ def test_a_model_tuned_to_plain_decoding_decodes_without_speculation_unless_aske
     model, tok = load()
     prompt = format_prompt(model, MR)
 
-    def run(**kwargs):
-        ids = []
-        for r in stream_generate(model, tok, prompt, max_tokens=40, **kwargs):
-            ids += r.token_ids
-        return ids, r.tokens_per_step
-
     assert model.spec.speculate is None
-    default_ids, default_rate = run()
+    default_ids, default_rate = _tokens_and_rate(model, tok, prompt)
     assert default_rate > 1.0
     model.spec.speculate = False
     try:
-        plain_ids, plain_rate = run()
-        asked_ids, asked_rate = run(speculate=True)
-        tree_ids, tree_rate = run(tree="1,1")
+        plain_ids, plain_rate = _tokens_and_rate(model, tok, prompt)
+        asked_ids, asked_rate = _tokens_and_rate(model, tok, prompt, speculate=True)
+        tree_ids, tree_rate = _tokens_and_rate(model, tok, prompt, tree="1,1")
     finally:
         model.spec.speculate = None
     assert plain_rate == 1.0 and asked_rate > 1.0 and tree_rate > 1.0
@@ -61,19 +63,13 @@ def test_plain_decoding_tuned_on_another_device_still_speculates_here():
     model, tok = load()
     prompt = format_prompt(model, MR)
 
-    def run():
-        ids = []
-        for r in stream_generate(model, tok, prompt, max_tokens=40):
-            ids += r.token_ids
-        return ids, r.tokens_per_step
-
     model.spec.speculate = False
     try:
         model.spec.tuned_on = "gpu: Apple M9 Imaginary (applegpu_g99)"
         with pytest.warns(UserWarning, match="so it speculates here"):
-            other_ids, other_rate = run()
+            other_ids, other_rate = _tokens_and_rate(model, tok, prompt)
         model.spec.tuned_on = describe_device()
-        here_ids, here_rate = run()
+        here_ids, here_rate = _tokens_and_rate(model, tok, prompt)
     finally:
         model.spec.speculate = model.spec.tuned_on = None
     assert other_rate > 1.0 and here_rate == 1.0 and other_ids == here_ids
