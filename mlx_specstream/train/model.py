@@ -10,7 +10,10 @@ Semantics (shared with the MLX runtime, DESIGN.md rules 1-6):
 * ``M`` = hidden state at the input of layer ``s`` (the embedding output when ``s == 0``).
 * ``S[t, j] = f(M[t]) + P[j-1]``, ``f`` = identity or ``M + up(down(M))``.
 * stream (t, j) has rotary position ``position(t) + j``; OPT adds learned positions at the
-  embedding only, so streams inherit the main token's.
+  embedding only, so streams inherit the main token's. A rotary table that HF picks per call
+  from the largest position (longrope, dynamic) is picked once, from the main tokens.
+* sliding-window layers: a main token at position q sees main positions p with q - p < window;
+  stream (t, j) sees main positions p <= t with (t + j) - p < window, plus streams (t, 1..j).
 * streams go through the same final norm (+ OPT ``project_out``) and LM head.
 * pruning logits ``head(M + up(down(M)))`` with ``M`` and the head's weights detached.
 """
@@ -116,17 +119,13 @@ class SpecStreamLM(nn.Module):
         valid = (attention_mask.bool() if attention_mask is not None
                  else torch.ones(B, T, dtype=torch.bool, device=input_ids.device))
         pos = position_ids if position_ids is not None else layout.default_positions(valid)
-        if bb.sliding_window is not None and int(pos.max()) + gamma >= bb.sliding_window:
-            raise ValueError(
-                f"Sequence positions reach {int(pos.max()) + gamma} but the model uses a "
-                f"{bb.sliding_window}-token sliding window, which this trainer does not implement; "
-                "lower --max-length."
-            )
         x = bb.embed(input_ids, pos)
-        mask = bb.attention_mask(layout.main_mask(valid), x.dtype)
+        lower = range(self.msa_start)
+        masks = bb.layer_masks(layout.main_mask(valid), pos, T, x.dtype, lower)
+        # Called even with no lower layer: it sets the dynamic/longrope table from the main positions.
         pos_emb = bb.position_embeddings(x, pos)
-        for layer in bb.layers[: self.msa_start]:
-            x = bb.run_layer(layer, x, mask, pos_emb, pos)
+        for i in lower:
+            x = bb.run_layer(i, x, masks, pos_emb, pos)
         M = x
         prune = self.pruning(M.detach()) if hasattr(self, "pruning") else None
         if gamma == 0:
@@ -138,12 +137,13 @@ class SpecStreamLM(nn.Module):
         S = f[:, :, None, :] + self.stream_embeddings  # [B, n, γ, h]
         x = torch.cat([M, S.reshape(B, n * gamma, -1)], 1)
         pos_all = layout.msa_positions(pos, gamma, stream_start)
-        mask = bb.attention_mask(layout.msa_mask(valid, gamma, stream_start), x.dtype)
-        pos_emb = bb.position_embeddings(x, pos_all)
+        upper = range(self.msa_start, bb.num_layers)
+        masks = bb.layer_masks(layout.msa_mask(valid, gamma, stream_start), pos_all, T, x.dtype, upper)
+        pos_emb = bb.position_embeddings(x, pos_all, frozen=True)
         lora = getattr(self, "stream_lora", None)
         with (lora.streams_after(T, x.shape[1]) if lora is not None else contextlib.nullcontext()):
-            for layer in bb.layers[self.msa_start:]:
-                x = bb.run_layer(layer, x, mask, pos_emb, pos_all)
+            for i in upper:
+                x = bb.run_layer(i, x, masks, pos_emb, pos_all)
         return StreamHidden(main=x[:, :T], streams=x[:, T:].reshape(B, n, gamma, -1), prune=prune,
                             stream_start=stream_start)
 

@@ -16,6 +16,14 @@ Variants: ``llama`` (GQA 4/2 heads), ``mistral`` (GQA, no window), ``qwen2`` (q/
 tied embeddings), ``qwen3`` (q/k norms, head_dim 16 != hidden/heads), ``phi`` (partial
 rotary 0.5, LayerNorm, head bias), ``opt`` (pre-LN, learned positions), ``opt_project``
 (OPT-350m style: post-LN, no final norm, ``project_in``/``project_out`` 32 <-> 16).
+
+:data:`MORE_VARIANTS` (not in :data:`TINY_VARIANTS`, whose tests assume q/k/v projections
+and no sliding window) covers the other trained families: ``llama3`` (llama3 rope scaling),
+``qwen3_moe`` (4 experts, top-2, one dense-MLP layer), ``gemma3_text`` (window 8, layers
+sliding/sliding/full/sliding, local rope base 10000 vs 1e6, soft-capped logits), ``phi3``
+(fused projections, longrope with ``original_max_position_embeddings`` 16, every layer
+sliding with window 10 as Phi-3-mini's 2047), ``olmo2`` and
+``smollm3`` (a layer without rope every second layer, those layers sliding with window 8).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch
 from mlx_specstream.config import SpecStreamConfig
 
 TINY_VARIANTS = ("llama", "mistral", "qwen2", "qwen3", "phi", "opt", "opt_project")
+MORE_VARIANTS = ("llama3", "qwen3_moe", "gemma3_text", "phi3", "olmo2", "smollm3")
 SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>")
 TINY_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -89,7 +98,8 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int = 512) -> Any:
 
 
 def tiny_hf_config(variant: str, **overrides: Any) -> Any:
-    """A small ``transformers`` config (hidden 32, 4 layers, vocab 259) for one of :data:`TINY_VARIANTS`.
+    """A small ``transformers`` config (hidden 32, 4 layers, vocab 259) for one of :data:`TINY_VARIANTS`
+    or :data:`MORE_VARIANTS`.
 
     ``overrides`` replace any field (e.g. ``vocab_size``, ``num_hidden_layers``).
     """
@@ -114,8 +124,38 @@ def tiny_hf_config(variant: str, **overrides: Any) -> Any:
         cfg = tf.OPTConfig(**dict(common, ffn_dim=64, word_embed_proj_dim=16 if proj else 32,
                                   do_layer_norm_before=not proj, dropout=0.0, attention_dropout=0.0,
                                   tie_word_embeddings=True))
+    elif variant == "llama3":
+        cfg = tf.LlamaConfig(**dict(rotary, rms_norm_eps=1e-6, tie_word_embeddings=False, rope_parameters=dict(
+            rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+            original_max_position_embeddings=16)))
+    elif variant == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**dict(rotary, head_dim=16, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                       decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=True))
+    elif variant == "gemma3_text":
+        cfg = tf.Gemma3TextConfig(**dict(rotary, head_dim=16, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                                         query_pre_attn_scalar=16, sliding_window=8,
+                                         layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                                      "sliding_attention"],
+                                         rope_parameters={"sliding_attention": {"rope_type": "default",
+                                                                                "rope_theta": 10000.0},
+                                                          "full_attention": {"rope_type": "default",
+                                                                             "rope_theta": 1000000.0}}))
+    elif variant == "phi3":
+        half = 32 // 4 // 2
+        cfg = tf.Phi3Config(**dict(rotary, rms_norm_eps=1e-6, tie_word_embeddings=False, resid_pdrop=0.0,
+                                   embd_pdrop=0.0, attention_dropout=0.0, original_max_position_embeddings=16,
+                                   sliding_window=None, rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                        short_factor=[1.0 + 0.1 * i for i in range(half)],
+                                                        long_factor=[2.0 + 0.5 * i for i in range(half)],
+                                                        partial_rotary_factor=1.0)))
+    elif variant == "olmo2":
+        cfg = tf.Olmo2Config(**dict(rotary, rms_norm_eps=1e-6, tie_word_embeddings=False))
+    elif variant == "smollm3":
+        cfg = tf.SmolLM3Config(**dict(rotary, rms_norm_eps=1e-6, tie_word_embeddings=True, no_rope_layer_interval=2,
+                                      use_sliding_window=True, sliding_window=8))
     else:
-        raise ValueError(f"Unknown tiny variant {variant!r}; choose from {TINY_VARIANTS}.")
+        raise ValueError(f"Unknown tiny variant {variant!r}; choose from {TINY_VARIANTS + MORE_VARIANTS}.")
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
