@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -20,11 +21,11 @@ import mlx.core as mx
 from mlx_specstream.config import CONFIG_KEY, EXTRAS_FILE, spec_config_from
 
 from .errors import ConversionError, name_list
-from .hf_config import output_config, source_config
+from .hf_config import mlx_lm_config, output_config, source_config, window_notes
 from .inventory import weight_refs
 from .mapping import MappingPlan, is_extra_name, plan_mapping
 from .peft import base_model_of, is_adapter_dir, merge_adapter
-from .quantize import BITS, GROUP_SIZES, QuantReport, quantize_weight, quantized_shapes
+from .quantize import BITS, GROUP_SIZES, QuantPlan, QuantReport, plan_quantization, quantize_weight
 from .safetensors_io import safetensors_refs
 from .source import resolve_source, tokenizer_files
 from .tensors import OUTPUT_DTYPES, RAW_DTYPES, TensorRef, output_dtype
@@ -54,6 +55,8 @@ class ConversionResult:
     merged: list[str]
     quantization: Optional[QuantReport] = None
     retune: Optional[str] = None  # why the output should be tuned again (see _tuning_for)
+    combined: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # target -> its sources
+    notes: list[str] = dataclasses.field(default_factory=list)  # how mlx-lm's model differs, if at all
 
     def summary(self) -> str:
         lines = [
@@ -65,7 +68,13 @@ class ConversionResult:
         if self.dropped:
             lines.append(f"Dropped by the family's sanitize (rotary buffers, tied head): {name_list(self.dropped, 6)}.")
         if self.renamed:
-            lines.append(f"Added the 'model.' prefix to {len(self.renamed)} tensor names.")
+            first = next(iter(self.renamed.items()))
+            lines.append(f"Renamed {len(self.renamed)} tensors as the family names them (e.g. {first[0]} -> {first[1]}).")
+        if self.combined:
+            sources = sum(len(v) for v in self.combined.values())
+            lines.append(f"Combined {sources} tensors into {len(self.combined)} as the family's sanitize does "
+                         f"(e.g. {next(iter(self.combined))}).")
+        lines.extend(f"Note: {note}" for note in self.notes)
         if self.quantization is not None and not self.quantization.kinds:
             lines.append(
                 f"Nothing was quantized: no layer's input width divides by the group size "
@@ -132,23 +141,25 @@ def convert(
             )
         refs, merged = merge_adapter(refs, src)
     refs = _with_extras(refs, src, base_dir)
+    config, notes = mlx_lm_config(config, [k for k in refs if not is_extra_name(k)])
     plan = plan_mapping(config, refs, spec)
+    notes += window_notes(config, plan.skeleton)
     spec, retune = _tuning_for(spec, _weights_change(plan, dtype, quantize, q_bits), dst)
 
-    qshapes = quantized_shapes(plan.skeleton, q_bits, q_group_size) if quantize else None
+    qplan = plan_quantization(plan.skeleton, q_bits, q_group_size) if quantize else None
     report = QuantReport(q_bits, q_group_size) if quantize else None
     with staged_directory(dst, force) as tmp:
-        files, total = _write_base(tmp, plan, dtype, qshapes, report, max_shard_size, progress)
+        files, total = _write_base(tmp, plan, dtype, qplan, report, max_shard_size, progress)
         if plan.extras:
             extras = {k: _cast(r.read(), output_dtype(r, dtype)) for k, r in plan.extras.items()}
             mx.save_safetensors(str(tmp / EXTRAS_FILE), extras, metadata=_METADATA)
-        out_config = output_config(config, spec, dtype, q_bits if quantize else None, q_group_size)
+        out_config = output_config(config, spec, dtype, qplan.config if qplan is not None else None)
         (tmp / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
         for name, path in tokenizer_files(*([src, base_dir] if adapter else [src])).items():
             shutil.copy2(path, tmp / name)
     return ConversionResult(
         dst.resolve(), files, len(plan.base), total, list(plan.extras), plan.dropped, plan.renamed, merged, report,
-        retune,
+        retune, plan.combined, notes,
     )
 
 
@@ -225,10 +236,11 @@ def _with_extras(refs: dict[str, TensorRef], src: Path, base_dir: Path) -> dict[
     return refs
 
 
-def _write_base(tmp, plan: MappingPlan, dtype, qshapes, report, max_shard_size, progress) -> tuple[list[str], int]:
+def _write_base(tmp, plan: MappingPlan, dtype, qplan: Optional[QuantPlan], report, max_shard_size,
+                progress) -> tuple[list[str], int]:
     from tqdm import tqdm
 
-    sizes = {name: _out_bytes(name, ref, dtype, qshapes) for name, ref in plan.base.items()}
+    sizes = {name: _out_bytes(name, ref, dtype, qplan) for name, ref in plan.base.items()}
     shards = plan_shards(sizes, max_shard_size)
     files = shard_file_names(len(shards))
     weight_map: dict[str, str] = {}
@@ -236,7 +248,7 @@ def _write_base(tmp, plan: MappingPlan, dtype, qshapes, report, max_shard_size, 
         for names, file in zip(shards, files):
             arrays: dict[str, mx.array] = {}
             for name in names:
-                arrays.update(_produce(name, plan.base[name], dtype, qshapes, report))
+                arrays.update(_produce(name, plan.base[name], dtype, qplan, report))
                 bar.update(1)
             weight_map.update({k: file for k in arrays})
             mx.save_safetensors(str(tmp / file), arrays, metadata=_METADATA)
@@ -245,40 +257,39 @@ def _write_base(tmp, plan: MappingPlan, dtype, qshapes, report, max_shard_size, 
     total = sum(sizes.values())
     if len(files) > 1:
         write_index(tmp, weight_map, total)
-    if qshapes is not None and set(weight_map) != set(qshapes):
-        raise AssertionError(f"quantized output names differ from the runtime's: {set(weight_map) ^ set(qshapes)}")
+    if qplan is not None and set(weight_map) != set(qplan.shapes):
+        raise AssertionError(f"quantized output names differ from mlx-lm's: {set(weight_map) ^ set(qplan.shapes)}")
     return files, total
 
 
-def _quantized(name: str, qshapes) -> bool:
-    return qshapes is not None and name.endswith(".weight") and name[: -len("weight")] + "scales" in qshapes
-
-
-def _out_bytes(name: str, ref: TensorRef, dtype, qshapes) -> int:
+def _out_bytes(name: str, ref: TensorRef, dtype, qplan: Optional[QuantPlan]) -> int:
     out = output_dtype(ref, dtype)
     itemsize = out.size if out is not None else RAW_DTYPES[ref.dtype].itemsize
-    if not _quantized(name, qshapes):
+    if qplan is None or qplan.params_of(name) is None:
         return ref.numel * itemsize
     stem = name[: -len("weight")]
-    packed = qshapes[name]
-    groups = qshapes[stem + "scales"]
-    return packed[0] * packed[1] * 4 + 2 * groups[0] * groups[1] * itemsize
+    packed = qplan.shapes[name]
+    groups = qplan.shapes[stem + "scales"]
+    return math.prod(packed) * 4 + 2 * math.prod(groups) * itemsize
 
 
-def _produce(name: str, ref: TensorRef, dtype, qshapes, report) -> dict[str, mx.array]:
+def _produce(name: str, ref: TensorRef, dtype, qplan: Optional[QuantPlan], report) -> dict[str, mx.array]:
     """Read one tensor and return the output arrays it becomes (evaluated)."""
     value = ref.read()
     cast = _cast(value, output_dtype(ref, dtype))
-    if not _quantized(name, qshapes):
+    params = qplan.params_of(name) if qplan is not None else None
+    if params is None:
         mx.eval(cast)
         return {name: cast}
-    packed = quantize_weight(cast, report.bits, report.group_size)
+    if params.get("mode", "affine") != "affine":
+        raise ConversionError(f"{name}: the family asks for {params['mode']} quantization; only affine is supported.")
+    packed = quantize_weight(cast, params["bits"], params["group_size"])
     mx.eval(*packed)
-    report.add(name, value, packed)
+    report.add(name, value, packed, params["bits"], params["group_size"])
     stem = name[: -len("weight")]
     out = {name: packed[0], stem + "scales": packed[1], stem + "biases": packed[2]}
     for k, v in out.items():
-        assert tuple(v.shape) == qshapes[k], (k, v.shape, qshapes[k])
+        assert tuple(v.shape) == qplan.shapes[k], (k, v.shape, qplan.shapes[k])
     return out
 
 

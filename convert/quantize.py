@@ -1,40 +1,71 @@
-"""Quantize base weights tensor by tensor, exactly as the runtime's loader expects, and
-measure the error each kind of tensor takes.
+"""Quantize base weights tensor by tensor, exactly as mlx-lm quantizes a model, and measure
+the error each kind of tensor takes.
 
-Which layers are quantized is decided by the runtime (``loading.quantize_base`` on the lazy
-skeleton: linear and embedding layers whose input width divides by the group size); the
-loader re-quantizes the layers whose ``.scales`` it finds, so the two always agree.
-Stream extras (embeddings, adapters) stay in float.
+Which layers are quantized, and with which bits and group size, is decided by mlx-lm's own
+``quantize_model`` on the lazy skeleton (after ``sanitize()``): layers that can be quantized
+and whose input width divides by the group size, with the family's ``quant_predicate``
+where it has one (Qwen3-MoE keeps its router at 8 bits). The ``quantization`` entry it
+returns goes into config.json, so mlx-lm's loader (and ours, which is mlx-lm's) rebuilds the
+same layers. Stream extras (embeddings, adapters) stay in float.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import re
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-
-from mlx_specstream.loading import quantize_base
 
 BITS = (4, 8)
 _CHUNK_ELEMENTS = 2**20  # rows per error-statistics chunk: about this many weights
 GROUP_SIZES = (32, 64, 128)
 
 
-def quantized_shapes(skeleton: nn.Module, bits: int, group_size: int) -> dict[str, tuple[int, ...]]:
-    """Quantize the skeleton (lazily, in place) and return its parameter shapes afterwards.
+@dataclasses.dataclass
+class QuantPlan:
+    """layers: quantized layer path -> its ``{"group_size", "bits", "mode"}``; shapes: every
+    parameter of the quantized skeleton; config: the ``quantization`` entry for config.json."""
 
-    A layer ``X`` is quantized iff ``X.scales`` is among the returned names.
-    """
-    quantize_base(skeleton, bits, group_size)
-    return {k: tuple(v.shape) for k, v in tree_flatten(skeleton.parameters())}
+    layers: dict[str, dict[str, Any]]
+    shapes: dict[str, tuple[int, ...]]
+    config: dict[str, Any]
+
+    def params_of(self, name: str):
+        """The layer params when ``name`` (a ``.weight``) is quantized, else None."""
+        if not name.endswith(".weight"):
+            return None
+        return self.layers.get(name[: -len(".weight")])
+
+
+def plan_quantization(skeleton: nn.Module, bits: int, group_size: int) -> QuantPlan:
+    """Quantize the skeleton lazily in place with mlx-lm's ``quantize_model``."""
+    from mlx_lm.utils import quantize_model
+
+    own = getattr(skeleton, "quant_predicate", None)
+    default = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    layers: dict[str, dict[str, Any]] = {}
+
+    def predicate(path: str, module: nn.Module):
+        choice = own(path, module) if own is not None else True
+        if choice:
+            layers[path] = {**default, **choice} if isinstance(choice, dict) else dict(default)
+        return choice
+
+    with contextlib.redirect_stdout(io.StringIO()):  # its "[INFO] bits per weight" line
+        _, config = quantize_model(skeleton, {}, group_size, bits, quant_predicate=predicate)
+    shapes = {k: tuple(v.shape) for k, v in tree_flatten(skeleton.parameters())}
+    layers = {p: q for p, q in layers.items() if p + ".scales" in shapes}
+    return QuantPlan(layers, shapes, config["quantization"])
 
 
 def quantize_weight(w: mx.array, bits: int, group_size: int) -> tuple[mx.array, mx.array, mx.array]:
-    """``w [out, in]`` -> packed ``weight [out, in * bits / 32]`` (uint32), ``scales`` and
-    ``biases`` ``[out, in / group_size]`` in ``w``'s dtype (MLX affine quantization)."""
+    """``w [..., out, in]`` -> packed ``weight [..., out, in * bits / 32]`` (uint32), ``scales`` and
+    ``biases`` ``[..., out, in / group_size]`` in ``w``'s dtype (MLX affine quantization)."""
     return mx.quantize(w, group_size=group_size, bits=bits)
 
 
@@ -65,8 +96,10 @@ class QuantReport:
         self.bits, self.group_size = bits, group_size
         self.kinds: dict[str, KindError] = {}
 
-    def add(self, name: str, original: mx.array, packed: tuple[mx.array, mx.array, mx.array]) -> None:
-        """original: the float weight ``[out, in]`` before quantization (any float dtype).
+    def add(self, name: str, original: mx.array, packed: tuple[mx.array, mx.array, mx.array],
+            bits: int | None = None, group_size: int | None = None) -> None:
+        """original: the float weight ``[..., out, in]`` before quantization (any float dtype);
+        bits/group_size: the layer's own when they differ from the report's.
 
         Rows are compared in chunks so the temporaries stay small next to the weight itself.
         """
@@ -76,7 +109,8 @@ class QuantReport:
         for r in range(0, rows, step):
             w = original[r : r + step].astype(mx.float32)
             chunk = tuple(p[r : r + step] for p in packed)
-            diff = w - mx.dequantize(*chunk, group_size=self.group_size, bits=self.bits).astype(mx.float32)
+            deq = mx.dequantize(*chunk, group_size=group_size or self.group_size, bits=bits or self.bits)
+            diff = w - deq.astype(mx.float32)
             stats = mx.stack([mx.sum(diff * diff), mx.sum(w * w), mx.max(mx.abs(diff))])
             e, n, m = stats.tolist()
             err_sq, norm_sq, worst = err_sq + e, norm_sq + n, max(worst, m)

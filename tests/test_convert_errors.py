@@ -100,8 +100,13 @@ def test_unmapped_and_missing_tensors_listed(capsys, tmp_path, src):
 
 
 def test_unknown_model_type(capsys, tmp_path, src):
-    _edit_config(src, model_type="gpt_neox")
-    _fails(capsys, tmp_path, src, match="model_type 'gpt_neox', which mlx-specstream does not support")
+    _edit_config(src, model_type="not_a_model")  # every family mlx-lm has converts; this one it lacks
+    _fails(capsys, tmp_path, src, match="model_type 'not_a_model', which mlx-specstream does not support")
+
+
+def test_config_lacking_keys_the_family_needs(capsys, tmp_path, src):
+    _edit_config(src, model_type="gpt_neox")  # an mlx-lm family, but a llama config lacks its keys
+    _fails(capsys, tmp_path, src, match="config.json lacks layer_norm_eps, rotary_emb_base, rotary_pct")
 
 
 def test_existing_destination_refused_without_force(capsys, tmp_path, src):

@@ -200,7 +200,7 @@ def test_checkpoint_without_model_prefix(tmp_path):
 def test_memory_stays_near_one_shard(tmp_path):
     """A 120 MB model converted in 8 MB shards never holds more than a few shards' worth in MLX."""
     config = dict(model_type="llama", hidden_size=512, num_hidden_layers=8, intermediate_size=1408,
-                  num_attention_heads=8, vocab_size=4000, tie_word_embeddings=False)
+                  num_attention_heads=8, vocab_size=4000, tie_word_embeddings=False, rms_norm_eps=1e-5)
     src = tmp_path / "big"
     src.mkdir()
     (src / "config.json").write_text(json.dumps(config))
