@@ -67,12 +67,6 @@ def _choice_line(b: dict[str, Any]) -> str:
     return f"SPECSTREAM_BLAS={b['choice']}" + (f": {auto}" if b["choice"] == "auto" else f" (auto: {auto})")
 
 
-def _exp_line(exp: dict[str, Any]) -> str:
-    how = "2 ** (x log2 e) through power" if exp["via_power"] else "MLX's native exp"
-    why = f"SPECSTREAM_POW_EXP={exp['override']}" if exp["override"] else "chosen for this host"
-    return f"softmax and activations: {how} ({why})"
-
-
 def collect(size: int = 1024, compare: bool = False) -> dict[str, Any]:
     """Everything doctor reports, as a JSON-ready dict (``advice`` lists what to do)."""
     try:
@@ -80,7 +74,6 @@ def collect(size: int = 1024, compare: bool = False) -> dict[str, Any]:
     except ImportError as exc:
         fail(f"MLX is not importable ({exc}). Install it: pip install 'mlx[cpu]' on Linux, pip install mlx on macOS.")
     from mlx_specstream import blas
-    from mlx_specstream.models import fastmath
 
     info = blas.blas_info()
     report: dict[str, Any] = {
@@ -109,10 +102,6 @@ def collect(size: int = 1024, compare: bool = False) -> dict[str, Any]:
             "opt_out": os.environ.get(blas.OPT_OUT_ENV, "") not in ("", "0"),
         },
         "matmul": {"n": size, "dtype": "float32", "gflops": round(blas.matmul_gflops(size), 1)},
-        "exp": {
-            "via_power": fastmath.pow_exp_enabled(),
-            "override": fastmath.override(),
-        },
     }
     if compare and info.system_openblas:
         without = _measure_in_subprocess(size, None)
@@ -204,7 +193,6 @@ def doctor(
         ("BLIS", b["system_blis"] or "none found"),
         ("choice", _choice_line(b)),
         ("matmul", f"{m['gflops']:.1f} GFLOP/s (float32, {m['n']}x{m['n']})"),
-        ("exp", _exp_line(report["exp"])),
     ]
     if "compare" in m:
         c = m["compare"]

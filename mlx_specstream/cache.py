@@ -20,6 +20,9 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import mlx.core as mx
+import numpy as np
+
+from .family import TokenPositions
 
 QUANTUM = 32  # buffer sizes are multiples of this
 Offset = Union[int, mx.array]
@@ -51,10 +54,42 @@ class KVCache:
         if self.keys is not None:
             self.keys, self.values = _grow(self.keys, self.capacity), _grow(self.values, self.capacity)
 
-    def attention_mask(self, local: Optional[mx.array], n: int) -> mx.array:
+    def attention_mask(self, local: Optional[mx.array], n: int, window: Optional[int] = None,
+                       positions: Optional[mx.array] = None) -> mx.array:
         """``[n, C]`` bool (True = may attend): the committed prefix, then ``local`` ``[n, n]``
-        (None = every new token sees every other) over the new tokens, nothing beyond."""
-        return buffer_mask(local, n, self.offset, self.capacity)
+        (None = every new token sees every other) over the new tokens, nothing beyond; with a
+        ``window``, only keys less than ``window`` positions behind each query (``positions``
+        ``[n]``, absolute)."""
+        return buffer_mask(local, n, self.offset, self.capacity, window, positions)
+
+    # -- mlx-lm's cache protocol (plain decoding through an mlx-lm model's own __call__) ------
+    def make_mask(self, n: int, window_size: Optional[int] = None, return_array: bool = False, **kwargs):
+        """mlx-lm's ``make_mask``: causal over ``n`` new tokens after the committed prefix."""
+        if isinstance(self.offset, int):
+            self.reserve(self.offset + n)
+        positions = mx.arange(n, dtype=mx.int32) + _as_array(self.offset)
+        local = mx.array(np.tril(np.ones((n, n), dtype=bool))) if n > 1 else None
+        return self.attention_mask(local, n, window_size, positions)
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        """Drop the last ``n`` committed entries (they are overwritten by later writes)."""
+        n = min(int(self.offset), n)
+        self.offset -= n
+        return n
+
+    @property
+    def meta_state(self) -> str:
+        return str(int(self.offset))
+
+    @meta_state.setter
+    def meta_state(self, v: str) -> None:
+        self.offset = int(v)
+
+    def empty(self) -> bool:
+        return self.keys is None
 
     def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         """Write ``S`` new entries ``[B, H, S, D]`` at ``offset``; return the whole buffers."""
@@ -91,11 +126,32 @@ class KVCache:
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
+    @property
     def state(self) -> tuple[Optional[mx.array], Optional[mx.array]]:
         return self.keys, self.values
 
+    @state.setter
+    def state(self, v: tuple[mx.array, mx.array]) -> None:
+        self.keys, self.values = v
+        self.capacity = self.keys.shape[2]
 
-def buffer_mask(local: Optional[mx.array], n: int, offset: Offset, capacity: int) -> mx.array:
+
+class PassCache:
+    """What one layer's attention sees during a forward pass: the layer's cache (or none) and
+    the rotary offset of the pass's tokens (a scalar for consecutive positions, else
+    :class:`~.family.TokenPositions`). Built per pass, so the positions are passed in, never
+    stored on the model or the cache."""
+
+    def __init__(self, cache: Optional[KVCache], offset: Union[Offset, TokenPositions]):
+        self.cache = cache
+        self.offset = offset
+
+    def update_and_fetch(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        return (k, v) if self.cache is None else self.cache.update_and_fetch(k, v)
+
+
+def buffer_mask(local: Optional[mx.array], n: int, offset: Offset, capacity: int,
+                window: Optional[int] = None, positions: Optional[mx.array] = None) -> mx.array:
     """The attention mask of ``n`` new tokens written at ``offset`` into a ``capacity`` buffer.
 
     Example, ``offset`` 2, ``capacity`` 6, local = a 2-token chain::
@@ -104,13 +160,20 @@ def buffer_mask(local: Optional[mx.array], n: int, offset: Offset, capacity: int
         token 0  1 1 | 1 0 | 0 0
         token 1  1 1 | 1 1 | 0 0
     """
-    rel = mx.arange(capacity, dtype=mx.int32) - _as_array(offset)  # key position - offset
+    keys = mx.arange(capacity, dtype=mx.int32)
+    rel = keys - _as_array(offset)  # key index - offset
     prefix = rel < 0
     if local is None:
-        return mx.broadcast_to((rel < n)[None, :], (n, capacity))
-    inside = (rel >= 0) & (rel < n)
-    cols = mx.take(local, mx.clip(rel, 0, n - 1), axis=1)  # [n, C]: local[:, rel]
-    return prefix[None, :] | (inside[None, :] & cols)
+        mask = mx.broadcast_to((rel < n)[None, :], (n, capacity))
+    else:
+        inside = (rel >= 0) & (rel < n)
+        cols = mx.take(local, mx.clip(rel, 0, n - 1), axis=1)  # [n, C]: local[:, rel]
+        mask = prefix[None, :] | (inside[None, :] & cols)
+    if window is not None:
+        # a committed key's index is its position; a new token's index is >= its position, and
+        # the keys a new token sees among the new ones are its ancestors, always in the window
+        mask = mask & (positions[:, None] - keys[None, :] < window)
+    return mask
 
 
 def _as_array(offset: Offset) -> mx.array:

@@ -48,9 +48,8 @@ _TABLES: "collections.OrderedDict[int, tuple[object, dict]]" = collections.Order
 
 def step_function(model, kind: str, plan: Plan, sampling: SamplingParams, compile: bool = True) -> StepFn:
     """The (cached) step of ``kind`` for ``model`` and ``plan``; ``compile=False`` gives the same
-    function run eagerly. A compiled step retraces once per cache buffer size, and per
-    :attr:`~.streams.SpecStreamModel.fusion_state` (a layer replaced after fusing is traced anew)."""
-    key = (kind, plan.tree, plan.n_main, sampling, compile, model.fusion_state)
+    function run eagerly. A compiled step retraces once per cache buffer size."""
+    key = (kind, plan.tree, plan.n_main, sampling, compile)
     table = _model_table(model)
     fn = table.get(key)
     if fn is None:

@@ -129,11 +129,11 @@ def generate_step(
         prune_threshold = model.spec.pruning.threshold
     # positions up to the last step's deepest node, plus one pipelined step past the end
     depth = draft_tree.max_depth if use_streams else (drafter.num_draft if drafter is not None else 0)
-    limit = getattr(model.base, "max_positions", None)
+    limit = model.max_positions
     needed = prompt.size + max_tokens + 2 * depth + 1
     if limit is not None and needed > limit:
         raise ValueError(
-            f"Prompt ({prompt.size} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+            f"Prompt ({prompt.size} tokens) + max_tokens ({max_tokens}) exceeds the model's context of "
             f"{limit} positions; shorten the prompt or lower max_tokens."
         )
     layers_cache = make_cache(model.num_layers)

@@ -7,7 +7,6 @@ names, the extras in ``speculative_streams.safetensors``, and tokenizer files.
 
 from __future__ import annotations
 
-import gc
 import glob
 import json
 import os
@@ -21,7 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import CONFIG_KEY, EXTRAS_FILE, read_config, spec_config_from
-from .models import build_model
+from .models import model_classes
 from .streams import SpecStreamModel
 
 PathLike = Union[str, Path]
@@ -59,61 +58,6 @@ def resolve_model_path(path: Optional[PathLike]) -> Path:
     return p
 
 
-def quantize_base(base: nn.Module, bits: int, group_size: int, only: Optional[set[str]] = None) -> None:
-    """Quantize the base model's linear and embedding layers in place with MLX's ``nn.quantize``.
-
-    Layers whose input width is not a multiple of ``group_size`` stay in float. ``only``
-    restricts quantization to the named layers (when loading a quantized checkpoint).
-    Stream embeddings, norms and adapters live outside ``base`` and always stay in float.
-    """
-    if bits not in (4, 8) or group_size not in (32, 64, 128):
-        raise ValueError(f"Quantization must be 4 or 8 bits with group size 32, 64 or 128; got {bits}/{group_size}.")
-
-    def predicate(path: str, module: nn.Module) -> bool:
-        if not hasattr(module, "to_quantized") or not hasattr(module, "weight"):
-            return False
-        if only is not None:
-            return path in only
-        return module.weight.shape[-1] % group_size == 0
-
-    nn.quantize(base, group_size=group_size, bits=bits, class_predicate=predicate)
-
-
-def _read_weights(path: Path) -> dict[str, mx.array]:
-    files = sorted(glob.glob(str(path / "model*.safetensors")))
-    if not files:
-        raise FileNotFoundError(
-            f"No model*.safetensors weights in {path}. Convert the checkpoint first "
-            "(specstream convert --hf-path SRC --mlx-path DST)."
-        )
-    weights: dict[str, mx.array] = {}
-    for f in files:
-        try:
-            weights.update(mx.load(f))
-        except Exception as e:  # mlx raises RuntimeError/ValueError variants for bad files
-            raise ValueError(f"Could not read weights file {f}: {e}. The file may be truncated; re-convert it.") from e
-    return weights
-
-
-def _load_strict(module: nn.Module, weights: dict[str, mx.array], what: str) -> None:
-    expected = dict(tree_flatten(module.parameters()))
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(weights) if expected[k].shape != weights[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-        if wrong:
-            parts.append(
-                "wrong shapes " + ", ".join(f"{k}: {weights[k].shape} vs {expected[k].shape}" for k in wrong[:8])
-            )
-        raise ValueError(f"{what} do not match the model config: " + "; ".join(parts) + ".")
-    module.load_weights(list(weights.items()), strict=False)
-
-
 def extras_to_module_names(model: SpecStreamModel, extras: dict[str, mx.array]) -> dict[str, mx.array]:
     """Canonical extras names (config.py) -> this model's parameter names."""
     layer_prefix = _layers_prefix(model)
@@ -149,24 +93,33 @@ def _layers_prefix(model: SpecStreamModel) -> str:
     raise AssertionError("decoder layers not found in the model tree")
 
 
-def load_model(
-    path: PathLike, dtype: Optional[str] = None, fuse: bool = True
-) -> tuple[SpecStreamModel, dict[str, Any]]:
+def load_model(path: PathLike, dtype: Optional[str] = None) -> tuple[SpecStreamModel, dict[str, Any]]:
     """Build the model of a directory and load its weights; returns (model, config).
 
-    ``fuse``: compute q/k/v and gate/up with one matmul each (:mod:`.models.fused`; no extra
-    memory, the same parameters).
+    The base is loaded exactly as mlx-lm loads it (its class for the ``model_type``, its
+    ``sanitize``, its quantization); the stream extras are attached on top.
     """
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
     path = Path(path)
     config = read_config(path)
-    base = build_model(config)
     spec = spec_config_from(config, unknown="warn")  # a newer version's keys: ignored, with a warning
-    weights = base.sanitize(_read_weights(path))
-    quant = config.get("quantization")
-    if quant:
-        quantized = {k[: -len(".scales")] for k in weights if k.endswith(".scales")}
-        quantize_base(base, quant["bits"], quant["group_size"], only=quantized)
-    _load_strict(base, weights, f"Weights in {path}")
+    model_classes(config)  # an unknown model_type: our message, before mlx-lm's
+    if not glob.glob(str(path / "model*.safetensors")):
+        raise FileNotFoundError(
+            f"No model*.safetensors weights in {path}. Convert the checkpoint first "
+            "(specstream convert --hf-path SRC --mlx-path DST)."
+        )
+    try:
+        base, _ = mlx_lm_load_model(path, get_model_classes=model_classes)
+    except TypeError as e:  # the family's ModelArgs lacks a field config.json does not give
+        raise ValueError(
+            f"config.json of {path} does not describe a {config['model_type']} model mlx-lm can build: {e}"
+        ) from e
+    except ValueError as e:
+        raise ValueError(f"Weights in {path} do not match the model config: {e}") from e
+    except RuntimeError as e:  # mlx's error for an unreadable safetensors file
+        raise ValueError(f"Could not read the weights in {path}: {e}. A file may be truncated; re-convert it.") from e
     model = SpecStreamModel(base, spec)
     if spec is not None and spec.num_streams > 0:
         extras_file = path / EXTRAS_FILE
@@ -182,8 +135,7 @@ def load_model(
     if dtype is not None:
         cast_model(model, dtype)
     mx.eval(model.parameters())
-    if fuse:
-        model.fuse_projections()
+    model.check_family()
     model.eval()
     model.config = config  # plain dict (prompt template, ids); not a parameter
     return model, config
@@ -225,21 +177,14 @@ def load_tokenizer(path: PathLike, config: Optional[dict[str, Any]] = None):
     return load_tok(path, eos_token_ids=eos)
 
 
-def load(path: Optional[PathLike] = None, dtype: Optional[str] = None, fuse: bool = True):
-    """Load ``(model, tokenizer)`` from a model directory (the bundled demo model by default).
+def load(path: Optional[PathLike] = None, dtype: Optional[str] = None):
+    """Load ``(model, tokenizer)`` from a model directory (the bundled demo model by default)."""
+    from .host import prepare_for_decoding
 
-    ``fuse``: as for :func:`load_model`.
-    """
-    from .blas import warn_if_slow_blas
-
-    warn_if_slow_blas()
     path = resolve_model_path(path)
-    model, config = load_model(path, dtype=dtype, fuse=fuse)
+    model, config = load_model(path, dtype=dtype)
     tokenizer = load_tokenizer(path, config)
-    # Everything alive now (tokenizer libraries, often torch) lives as long as the model; moving
-    # it out of the collector's view keeps full collections cheap during generation (they took
-    # ~5% of a decoding step's time on a CPU with transformers and torch imported).
-    gc.freeze()
+    prepare_for_decoding()
     return model, tokenizer
 
 

@@ -30,6 +30,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator, Optional
 
+from .host import release_mlx_streams
 from .openai_schema import CompletionRequest, RequestError, parse_request, usage
 
 GenerateFn = Callable[..., Iterator[Any]]  # (prompt_ids, **params) -> GenerationResponse-like
@@ -104,6 +105,12 @@ class Engine:
             self.counts[key] += 1
 
     def _run(self) -> None:
+        try:
+            self._serve_jobs()
+        finally:
+            release_mlx_streams()
+
+    def _serve_jobs(self) -> None:
         try:
             if self._warm_up is not None:
                 self._warm_up()

@@ -1,27 +1,42 @@
-"""Speculative Streaming around any model family: stream embeddings, multi-stream attention
+"""Speculative Streaming around an mlx-lm model: stream embeddings, multi-stream attention
 in the top N_s layers, the optional tree-pruning adapter and stream-only LoRA.
 
-The family model supplies ``embed``, ``layers``, ``head`` and ``rope_tables``; this module owns
-the forward pass that runs the lower layers on main-stream tokens only, inserts γ stream
-tokens per node at the input of layer ``N - N_s`` and runs the upper layers on both
-(DESIGN.md rules 2-6). Plain models (no ``speculative_streaming`` block) use the same pass.
+The model is mlx-lm's own implementation of its family (:mod:`.models`); :mod:`.family`
+finds its embedding prologue, layers, final norm and head. This module owns the forward pass
+that runs the lower layers on main-stream tokens only, inserts γ stream tokens per node at
+the input of layer ``N - N_s`` and runs the upper layers on both (DESIGN.md rules 2-6).
+Plain models (no ``speculative_streaming`` block) use the same pass.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .cache import reserve_all
+from .cache import PassCache, reserve_all
 from .config import SpecStreamConfig
-from .models import fused
-from .models.base import Context
+from .family import Family, TokenPositions, UnsupportedFamily
 from .tree import Tree, ancestor_mask, causal_mask, path_matrix, stream_layout
+
+# ``[S, 1]`` 1.0 for stream rows, 0.0 for main rows, while the multi-stream layers run (None
+# elsewhere): stream-only LoRA reads it, because mlx-lm's layers call a linear with x alone.
+_STREAM_ROWS: contextvars.ContextVar[Optional[mx.array]] = contextvars.ContextVar("stream_rows", default=None)
+
+
+@contextlib.contextmanager
+def stream_rows(rows: Optional[mx.array]):
+    token = _STREAM_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _STREAM_ROWS.reset(token)
 
 
 class LowRankResidual(nn.Module):
@@ -40,16 +55,14 @@ class LowRankResidual(nn.Module):
 class StreamLoRALinear(nn.Module):
     """A linear layer whose LoRA delta applies to stream tokens only (lossless mode).
 
-    The rank-``ρ`` projection is scaled by ``stream_rows`` (1 for stream tokens, 0 for main
-    ones) before the up-projection, which is fused with the add (``addmm``): main-stream rows
+    The rank-``ρ`` projection is scaled by the pass's stream rows (:func:`stream_rows`: 1 for
+    stream tokens, 0 for main ones) before the up-projection, which is fused with the add (``addmm``): main-stream rows
     get ``y + 0``, exactly the base layer's output, so the main stream stays the base model's.
     (Masking costs two small matmuls over main rows; slicing the stream rows out and
     concatenating them back costs more operations, which dominate on small models. Masking the
     ``[S, ρ]`` projection instead of the ``[S, out]`` delta, and ``addmm`` instead of a matmul,
     a scale and an add, leaves two extra operations per linear.)
     """
-
-    stream_only = True
 
     def __init__(self, base: nn.Module, in_dims: int, out_dims: int, rank: int, scale: float):
         super().__init__()
@@ -58,11 +71,12 @@ class StreamLoRALinear(nn.Module):
         self.lora_b = mx.zeros((out_dims, rank))
         self.scale = scale
 
-    def __call__(self, x: mx.array, stream_rows: Optional[mx.array]) -> mx.array:
+    def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
-        if stream_rows is None:
+        rows = _STREAM_ROWS.get()
+        if rows is None:
             return y
-        low = (x @ self.lora_a.T).astype(y.dtype) * stream_rows.astype(y.dtype)
+        low = (x @ self.lora_a.T).astype(y.dtype) * rows.astype(y.dtype)
         return mx.addmm(y, low, self.lora_b.T.astype(y.dtype), alpha=self.scale)
 
 
@@ -72,7 +86,8 @@ class Plan:
 
     Built once per tree shape (and per prompt length for prefill), then reused every step.
     ``T`` main tokens; ``num_streams`` streams (g <= γ) for each of ``stream_nodes``;
-    ``S = T + len(stream_nodes) * g``.
+    ``S = T + len(stream_nodes) * g``. ``*_contiguous``: the tokens' positions are consecutive
+    (prefill, a single token), so rotary embeddings take one offset for all of them.
     """
 
     tree: Optional[Tree]
@@ -93,6 +108,8 @@ class Plan:
     draft_depth: Optional[mx.array] = None  # [T - 1] stream index (0-based) of each draft node
     draft_rank: Optional[mx.array] = None  # [T - 1]
     width: int = 0
+    main_contiguous: bool = True
+    msa_contiguous: bool = True
 
     @property
     def is_chain(self) -> bool:
@@ -100,14 +117,18 @@ class Plan:
         return self.tree is not None and all(p == i - 1 for i, p in enumerate(self.tree.parents))
 
 
+def _consecutive(offsets: np.ndarray) -> bool:
+    return bool(np.array_equal(offsets, np.arange(len(offsets))))
+
+
 def _plan(
     main_mask: np.ndarray, depth: np.ndarray, stream_nodes: np.ndarray, num_streams: int, tree=None
 ) -> Plan:
     t = len(depth)
-    msa_mask = msa_offsets = None
+    msa_mask = msa_offsets = m_offsets = None
     if num_streams and len(stream_nodes):
-        m, o = stream_layout(main_mask, depth, stream_nodes, num_streams)
-        msa_mask, msa_offsets = mx.array(m), mx.array(o)
+        m, m_offsets = stream_layout(main_mask, depth, stream_nodes, num_streams)
+        msa_mask, msa_offsets = mx.array(m), mx.array(m_offsets)
     extra = {}
     if tree is not None:
         parents = tree.parents
@@ -123,6 +144,8 @@ def _plan(
             width=max(tree.width(), default=0),
         )
     return Plan(
+        main_contiguous=_consecutive(depth),
+        msa_contiguous=msa_offsets is None or _consecutive(np.asarray(m_offsets)),
         tree=tree,
         n_main=t,
         depth=depth,
@@ -166,9 +189,32 @@ def prefill_plan(length: int, num_streams: int) -> Plan:
 AR_PLAN = _plan(np.ones((1, 1), dtype=bool), np.zeros(1, dtype=np.int32), np.zeros(0, np.int64), 0)
 
 
-def _mask(cache: Sequence, local: Optional[mx.array], n: int) -> Optional[mx.array]:
-    """Local ``[n, n]`` mask -> the mask over the cache buffer (the local one without a cache)."""
-    return cache[0].attention_mask(local, n) if cache else local
+def _layer_mask(cache: Sequence, local: Optional[mx.array], n: int, window: Optional[int],
+                positions: mx.array) -> Optional[mx.array]:
+    """Local ``[n, n]`` mask -> the mask over the cache buffer (the local one without a cache),
+    limited to the layer's attention ``window``."""
+    if cache:
+        return cache[0].attention_mask(local, n, window, positions)
+    if window is None:
+        return local
+    near = positions[:, None] - positions[None, :] < window
+    return near if local is None else local & near
+
+
+def run_layers(family: Family, h: mx.array, indices: Iterable[int], cache: Sequence, local: Optional[mx.array],
+               positions: mx.array, contiguous: bool) -> mx.array:
+    """Run decoder layers ``indices`` over ``h [B, n, h]``: new tokens laid out by the local
+    mask ``[n, n]`` (None: all see all) at absolute ``positions [n]``; ``cache`` (per layer, or
+    empty) receives their keys/values. Each layer gets the mask of its attention window."""
+    n = h.shape[1]
+    rope_offset = (cache[0].offset if cache else 0) if contiguous else TokenPositions(positions)
+    masks: dict = {}
+    for i in indices:
+        window = family.windows[i]
+        if window not in masks:
+            masks[window] = _layer_mask(cache, local, n, window, positions)
+        h = family.layers[i](h, masks[window], PassCache(cache[i] if cache else None, rope_offset))
+    return h
 
 
 def _stream_rows(n_main: int, total: int) -> mx.array:
@@ -185,13 +231,14 @@ class StepOutput:
 
 
 class SpecStreamModel(nn.Module):
-    """A family model plus its Speculative Streaming extras (or none, for a plain model)."""
+    """An mlx-lm model plus its Speculative Streaming extras (or none, for a plain model)."""
 
     def __init__(self, base: nn.Module, spec: Optional[SpecStreamConfig] = None):
         super().__init__()
         self.base = base
         self.spec = spec
-        n_layers, h = len(base.layers), base.args.hidden_size
+        self.family = Family(base)  # not a parameter: references into ``base``
+        n_layers, h = len(base.layers), _hidden_size(base)
         if spec is not None and spec.num_streams > 0:
             spec.validate(num_layers=n_layers)
             self.stream_embeddings = mx.random.normal((spec.num_streams, h)) * 0.02
@@ -217,6 +264,10 @@ class SpecStreamModel(nn.Module):
     def has_pruning(self) -> bool:
         return "pruning" in self
 
+    @property
+    def max_positions(self) -> Optional[int]:
+        return self.family.max_positions
+
     def attach_stream_lora(self) -> None:
         """Wrap the targeted linears of the MSA layers (call after base weights are loaded)."""
         lora = self.spec.stream_lora if self.spec is not None else None
@@ -241,30 +292,6 @@ class SpecStreamModel(nn.Module):
                     f"in decoder layer {i}; use Hugging Face names such as 'q_proj'."
                 )
 
-    def fuse_projections(self) -> int:
-        """Compute q/k/v and gate/up with one matmul each where they are plain float linears
-        (:mod:`.models.fused`; for inference, once the weights are final). Returns the number
-        of fused groups."""
-        made = fused.fuse_projections(self.base.layers)
-        self.__dict__["_fused_projections"] = tuple(made)  # not a parameter
-        return len(made)
-
-    def unfuse_projections(self) -> None:
-        fused.unfuse_projections(self.base.layers)
-        self.__dict__["_fused_projections"] = ()
-
-    def update(self, parameters: dict, strict: bool = True) -> "SpecStreamModel":
-        """``nn.Module.update`` (and so ``load_weights``), after dropping fused projections:
-        a replaced weight must be the one computed with."""
-        self.unfuse_projections()
-        return super().update(parameters, strict)
-
-    @property
-    def fusion_state(self) -> tuple[bool, ...]:
-        """Which fused projections are in use, in layer order (compiled steps are traced per
-        state; read every step, so it only asks each projection whether it is current)."""
-        return tuple(p.current() for p in self.__dict__.get("_fused_projections", ()))
-
     def stream_lora_modules(self) -> dict[str, StreamLoRALinear]:
         """``"{layer}.{path}" -> module`` for every stream-only LoRA linear."""
         out = {}
@@ -276,15 +303,15 @@ class SpecStreamModel(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
     def head(self, h: mx.array) -> mx.array:
-        return self.base.head(h)
+        return self.family.head(h)
 
     def stream_logits(self, stream_hidden: mx.array) -> mx.array:
         """``[..., γ, h]`` -> ``[..., γ, V]``: same final norm and head as the main stream."""
-        return self.base.head(stream_hidden)
+        return self.family.head(stream_hidden)
 
     def pruning_logits(self, hidden: mx.array) -> mx.array:
         """Early next-token logits from the main state at the streams' insertion point."""
-        return self.base.head(self.pruning(hidden))
+        return self.family.head(self.pruning(hidden))
 
     def _insert_streams(self, m: mx.array, nodes: np.ndarray, num_streams: int) -> mx.array:
         """``M [B, T, h]`` -> stream tokens ``[B, n * g, h]``, node-major: f(M[t]) + P[j], j <= g."""
@@ -308,20 +335,18 @@ class SpecStreamModel(nn.Module):
         commits the accepted ones. With ``streams`` False (or a plain model) only the main
         stream runs, through the same layers: the autoregressive baseline.
         """
-        base, layers = self.base, self.base.layers
+        family = self.family
         offset = cache[0].offset if cache else 0
         streams = streams and self.num_streams > 0 and plan.msa_mask is not None
-        split = self.msa_start if streams else len(layers)
+        split = self.msa_start if streams else self.num_layers
         if cache and isinstance(offset, int):  # eager pass (a compiled step's buffers are sized by its caller)
             reserve_all(cache, offset + (plan.msa_mask.shape[0] if streams else plan.n_main))
 
         pos = plan.main_offsets + offset
-        h = base.embed(tokens, pos)
-        ctx = Context(pos, _mask(cache, plan.main_mask, plan.n_main), plan.n_main, base.rope_tables(pos))
-        for i in range(split):
-            h = layers[i](h, ctx, cache[i] if cache else None)
+        h = family.embed(tokens, pos)
+        h = run_layers(family, h, range(split), cache, plan.main_mask, pos, plan.main_contiguous)
         if not streams:
-            return StepOutput(base.head(h)[0], None, plan)
+            return StepOutput(family.head(h)[0], None, plan)
 
         keep = None
         if prune_threshold and self.has_pruning and plan.tree is not None and plan.n_main > 1:
@@ -332,14 +357,12 @@ class SpecStreamModel(nn.Module):
                 h = h[:, mx.array(keep)]
 
         x = mx.concatenate([h, self._insert_streams(h, plan.stream_nodes, plan.num_streams)], axis=1)
-        upos = plan.msa_offsets + offset
-        ctx = Context(upos, _mask(cache, plan.msa_mask, plan.msa_mask.shape[0]), plan.n_main, base.rope_tables(upos),
-                      _stream_rows(plan.n_main, plan.msa_mask.shape[0]))
-        for i in range(split, len(layers)):
-            x = layers[i](x, ctx, cache[i] if cache else None)
+        with stream_rows(_stream_rows(plan.n_main, plan.msa_mask.shape[0])):
+            x = run_layers(family, x, range(split, self.num_layers), cache, plan.msa_mask,
+                           plan.msa_offsets + offset, plan.msa_contiguous)
         t = plan.n_main
         stream_h = x[0, t:].reshape(len(plan.stream_nodes), plan.num_streams, -1)
-        return StepOutput(base.head(x[:, :t])[0], stream_h, plan, keep)
+        return StepOutput(family.head(x[:, :t])[0], stream_h, plan, keep)
 
     def _prune(self, h: mx.array, tokens: mx.array, plan: Plan, threshold: float) -> Optional[np.ndarray]:
         """Drop children whose early parent->child probability is below ``threshold``."""
@@ -356,11 +379,26 @@ class SpecStreamModel(nn.Module):
 
     def __call__(self, tokens: mx.array) -> mx.array:
         """Whole-sequence main-stream logits ``[B, T] -> [B, T, V]`` (no cache), for checks."""
-        out = []
         plan = prefill_plan(tokens.shape[1], 0)
-        for row in tokens:
-            out.append(self.forward(row[None], [], plan, streams=False).logits)
-        return mx.stack(out)
+        h = self.family.embed(tokens, plan.main_offsets)
+        h = run_layers(self.family, h, range(self.num_layers), [], plan.main_mask, plan.main_offsets, True)
+        return self.family.head(h)
+
+    def check_family(self, tokens: Optional[mx.array] = None) -> None:
+        """Raise :class:`~.family.UnsupportedFamily` unless driving the base's pieces
+        reproduces its own logits: catches a family whose forward pass does something the
+        wrapper does not (an unknown prologue, a head transform)."""
+        tokens = mx.array([[1, 2, 3, 4, 5]], dtype=mx.int32) if tokens is None else tokens
+        expected = self.base(tokens).astype(mx.float32)
+        got = self(tokens).astype(mx.float32)
+        tol = 1e-3 if self.family.model_dtype == mx.float32 else 5e-2
+        err = mx.abs(got - expected).max().item()
+        if not err <= tol * (1.0 + mx.abs(expected).max().item()):
+            raise UnsupportedFamily(
+                f"Driving the {getattr(self.base, 'model_type', type(self.base).__name__)} model's layers does "
+                f"not reproduce its own logits (max difference {err:.3g}): its forward pass does something "
+                "the stream wrapper does not know. Please report the model type."
+            )
 
     def all_logits(
         self, tokens: mx.array, stream_delta: Optional[mx.array] = None
@@ -374,23 +412,26 @@ class SpecStreamModel(nn.Module):
         b, t = tokens.shape
         g = self.num_streams
         plan = _plan(causal_mask(t), np.arange(t, dtype=np.int32), np.arange(t), g)
-        base, layers = self.base, self.base.layers
-        pos = plan.main_offsets
-        h = base.embed(tokens, pos)
-        ctx = Context(pos, plan.main_mask, t, base.rope_tables(pos))
-        for i in range(self.msa_start):
-            h = layers[i](h, ctx, None)
+        family = self.family
+        h = family.embed(tokens, plan.main_offsets)
+        h = run_layers(family, h, range(self.msa_start), [], plan.main_mask, plan.main_offsets, True)
         prune = self.pruning_logits(h) if self.has_pruning else None
         streams = self._insert_streams(h, plan.stream_nodes, g)
         if stream_delta is not None:
             streams = streams + stream_delta.reshape(streams.shape)
         x = mx.concatenate([h, streams], axis=1)
-        ctx = Context(plan.msa_offsets, plan.msa_mask, t, base.rope_tables(plan.msa_offsets),
-                      _stream_rows(t, plan.msa_mask.shape[0]))
-        for i in range(self.msa_start, len(layers)):
-            x = layers[i](x, ctx, None)
+        with stream_rows(_stream_rows(t, plan.msa_mask.shape[0])):
+            x = run_layers(family, x, range(self.msa_start, self.num_layers), [], plan.msa_mask,
+                           plan.msa_offsets, plan.msa_contiguous)
         stream_h = x[:, t:].reshape(b, t, g, -1)
-        return base.head(x[:, :t]), self.stream_logits(stream_h), prune
+        return family.head(x[:, :t]), self.stream_logits(stream_h), prune
+
+
+def _hidden_size(base: nn.Module) -> int:
+    args = getattr(base, "args", None)
+    if not getattr(args, "hidden_size", None):
+        raise ValueError(f"{type(base).__name__} has no args.hidden_size; the stream wrapper needs the model width.")
+    return args.hidden_size
 
 
 def _linear_dims(module: nn.Module) -> tuple[int, int]:

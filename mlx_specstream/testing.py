@@ -20,25 +20,61 @@ from .streams import SpecStreamModel
 TINY_VOCAB = 260  # 256 byte tokens + <s>, </s>, <|user|>, <|assistant|>
 
 _FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama": dict(
+    "llama": dict(  # with Llama 3's rope scaling, so every llama test runs a non-default RoPE
         model_type="llama", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
-        tie_word_embeddings=False,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=64),
+        max_position_embeddings=4096, tie_word_embeddings=False,
     ),
     "qwen2": dict(
         model_type="qwen2", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0,
-        tie_word_embeddings=True,
+        max_position_embeddings=4096, tie_word_embeddings=True,
     ),
     "qwen3": dict(
         model_type="qwen3", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, rms_norm_eps=1e-6,
-        rope_theta=1000000.0, tie_word_embeddings=True,
+        rope_theta=1000000.0, max_position_embeddings=4096, tie_word_embeddings=True,
+    ),
+    "qwen3_moe": dict(
+        model_type="qwen3_moe", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, max_position_embeddings=4096, tie_word_embeddings=False,
+        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[],
+        moe_intermediate_size=32, norm_topk_prob=True,
+    ),
+    "gemma3_text": dict(  # sliding-window layers (window 8) beside global ones, scaled embeddings
+        model_type="gemma3_text", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, rope_local_base_freq=10000.0, query_pre_attn_scalar=16,
+        sliding_window=8, sliding_window_pattern=2, max_position_embeddings=4096,
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True,
     ),
     "phi": dict(
         model_type="phi", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
-        num_attention_heads=4, partial_rotary_factor=0.5, layer_norm_eps=1e-5,
-        hidden_act="gelu_new", tie_word_embeddings=False,
+        num_attention_heads=4, num_key_value_heads=4, partial_rotary_factor=0.5, layer_norm_eps=1e-5,
+        hidden_act="gelu_new", max_position_embeddings=2048, tie_word_embeddings=False,
+    ),
+    "phi3": dict(  # fused qkv / gate_up projections, LongRoPE (su) scaling
+        model_type="phi3", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=4096, original_max_position_embeddings=64,
+        rope_scaling=dict(type="longrope", short_factor=[1.0 + 0.1 * i for i in range(8)],
+                          long_factor=[1.0 + 0.5 * i for i in range(8)]),
+        tie_word_embeddings=False,
+    ),
+    "olmo2": dict(
+        model_type="olmo2", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=500000.0,
+        max_position_embeddings=4096, tie_word_embeddings=False,
+    ),
+    "smollm3": dict(  # NoPE layers (every 2nd), sliding-window layers without make_cache()
+        model_type="smollm3", hidden_size=64, num_hidden_layers=4, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+        no_rope_layer_interval=2, sliding_window=8,
+        layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        max_position_embeddings=4096, tie_word_embeddings=True,
     ),
     "opt": dict(
         model_type="opt", hidden_size=64, num_hidden_layers=4, ffn_dim=128,

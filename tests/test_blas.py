@@ -266,10 +266,3 @@ def test_blas_info_in_this_process_names_the_library():
     info = blas.blas_info()
     assert info.provider and os.path.exists(info.provider)
     assert info.kind in ("openblas", "mkl", "reference")
-
-
-def test_doctor_reports_how_exps_are_computed():
-    from mlx_specstream.models import fastmath
-
-    assert _doctor({fastmath.ENV: "0"})["exp"] == {"via_power": False, "override": "0"}
-    assert _doctor({fastmath.ENV: "1"})["exp"] == {"via_power": True, "override": "1"}

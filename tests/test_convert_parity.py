@@ -31,7 +31,13 @@ from mlx_specstream.generate import generate_step
 from mlx_specstream.loading import load_model
 
 VARIANTS = ("llama", "mistral", "qwen2", "qwen3", "phi", "opt", "opt_project")
+# families on mlx-lm's classes with their own quirks: Llama 3 rope scaling, MoE blocks, sliding
+# windows (8) with local/global rope bases, fused qkv/gate_up with LongRoPE, post-norms, NoPE
+MORE = ("llama3", "qwen3_moe", "gemma3_text", "phi3", "olmo2", "smollm3")
 IDS = np.random.default_rng(0).integers(0, 259, size=(1, 12))
+# past every window, and past phi3's 16 original positions: transformers then takes LongRoPE's
+# long factors, which mlx-lm's SuScaledRoPE always uses
+IDS_LONG = np.random.default_rng(1).integers(0, 259, size=(1, 24))
 LOW_PRECISION = {
     "float16": (dict(dtype="float16"), 4e-3),
     "bfloat16": (dict(dtype="bfloat16"), 3e-2),
@@ -60,6 +66,23 @@ def test_float32_logits_match_pytorch(variant, mode, tmp_path):
         assert got.shape == want.shape, name
         assert np.abs(want).max() > 0.05, f"{name} logits are trivially small"
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=f"{variant} {name} logits")
+
+
+@pytest.mark.parametrize("variant,mode", [(v, "shared") for v in MORE] + [("gemma3_text", "lossless")])
+def test_more_families_float32_logits_match_pytorch(variant, mode, tmp_path):
+    """Trained in PyTorch on transformers' model, converted, run on mlx-lm's model class."""
+    convert(tiny_checkpoint(variant, mode), tmp_path / "mlx")
+    want = reference_logits(tiny_checkpoint(variant, mode), IDS_LONG)
+    model, _ = load_model(tmp_path / "mlx")
+    got = [np.array(o[0].astype(mx.float32)) for o in model.all_logits(mx.array(IDS_LONG))]
+    for name, g, w in zip(("main", "stream", "pruning"), got, want):
+        assert g.shape == w.shape, name
+        assert np.abs(w).max() > 0.05, f"{name} logits are trivially small"
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-4, err_msg=f"{variant} {name} logits")
+    prompt = mx.array(IDS_LONG[0, :6])
+    spec = [t for s in generate_step(model, prompt, max_tokens=40, tree="3,2,1") for t in s.tokens][:40]
+    ar = [t for s in generate_step(model, prompt, max_tokens=40, speculate=False) for t in s.tokens][:40]
+    assert spec == ar
 
 
 @pytest.mark.parametrize("variant", ["llama", "qwen3", "phi", "opt"])

@@ -71,26 +71,6 @@ def test_lora_share_strips_exactly_the_stream_only_lora(monkeypatch):
     assert lora_share.strip_stream_lora(model) == 0
 
 
-def test_pow_exp_ab_prints_four_speeds_and_two_ratios(monkeypatch, capsys):
-    from mlx_specstream.models import fastmath
-
-    monkeypatch.syspath_prepend(str(PERF))
-    monkeypatch.setenv(fastmath.ENV, "1")  # the script sets it per generation; monkeypatch restores it
-    out = _run_ab_script(monkeypatch, capsys, "pow_exp")
-    cells = _first_round(out)
-    assert len(cells) == 1 + 4 + 2
-    assert all(float(c) > 0 for c in cells[1:5])
-    assert all(c.strip().endswith("x") for c in cells[5:])
-
-
-def test_fused_ab_prints_four_speeds_two_ratios_and_no_differing_outputs(monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(PERF))
-    out = _run_ab_script(monkeypatch, capsys, "fused")
-    cells = _first_round(out)
-    assert len(cells) == 1 + 4 + 2
-    assert all(float(c) > 0 for c in cells[1:5])
-    assert "were not all the same: 0 of 2" in out
-
 def test_pipeline_ab_prints_four_speeds_and_no_differing_outputs(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(PERF))
     out = _run_ab_script(monkeypatch, capsys, "pipeline")
@@ -121,18 +101,6 @@ def test_interleaved_rounds_rotates_settings_and_counts_per_round_or_cumulativel
     assert differ == [1, 2]
     speeds, _ = results(cumulative=False)
     assert speeds == [{"a": 1.0, "b": 1.0}, {"a": 2.0, "b": 2.0}]  # round 2 alone: 4 tokens in 2 s
-
-
-@pytest.mark.parametrize("tree", ["1,1", "2,1"])
-def test_split_pass_step_emits_and_drafts_what_the_joint_step_does(monkeypatch, tree):
-    monkeypatch.syspath_prepend(str(PERF))
-    split_pass = importlib.import_module("split_pass")
-    spec = SpecStreamConfig(num_streams=2, num_msa_layers=2, stream_init="linear", stream_init_rank=4)
-    model = random_model(tiny_config("llama"), spec, seed=4)
-    r = split_pass.compare(model, tree, context=20, repeats=1)
-    assert r["same"] and r["joint"] > 0 and r["split"] > 0
-    nodes = 3 if tree == "1,1" else 5
-    assert (r["nodes"], r["joint_rows"], r["split_rows"]) == (nodes, nodes * 3, nodes + 2)
 
 
 def test_graph_ops_counts_the_compiled_steps_primitives(monkeypatch):

@@ -1,22 +1,53 @@
-"""OPT: learned absolute positions (offset 2), pre/post LayerNorm, ReLU, optional project_in/out.
+"""OPT (Hugging Face ``OPTForCausalLM``) in mlx-lm's model-file interface.
 
-Positions are added at the embedding layer only, so speculative streams inherit the
-main token's position (DESIGN.md rule 4).
+mlx-lm has no OPT, so this file supplies one in the same shape as mlx-lm's own model files
+(``ModelArgs``, ``Model`` with ``layers``, ``sanitize`` and ``__call__(inputs, cache)``; each
+decoder layer is called as ``layer(x, mask, cache)`` and attends through
+``cache.update_and_fetch`` and mlx-lm's ``scaled_dot_product_attention``), so mlx-lm's
+``generate_step`` / ``stream_generate`` and its ``KVCache`` run it unchanged. Parameter names
+are Hugging Face's, so a checkpoint's weights load as they are.
+
+Architecture: learned absolute position embeddings with OPT's offset of 2 (position ``p`` reads
+row ``p + 2`` of ``embed_positions``), pre- or post-LayerNorm (``do_layer_norm_before``), the
+configured activation (ReLU for every released OPT), biases (``enable_bias``), optional
+``project_in`` / ``project_out`` when ``word_embed_proj_dim != hidden_size`` (opt-350m), an
+optional final LayerNorm (absent for post-LN models and with ``_remove_final_layer_norm``), and
+an LM head tied to the token embedding unless ``tie_word_embeddings`` is false.
+
+Positions are added at the embedding only, never inside attention (there is no rotary module):
+a token's position is fixed once it is embedded, and its keys/values in the cache carry it.
+That is what lets Speculative Streaming's stream tokens inherit the main token's position
+(DESIGN.md rule 4): the stream wrapper calls :meth:`Model.embed` with whatever absolute
+positions it wants (several tokens may share one, and they need not be consecutive), drives
+:attr:`Model.layers` itself, and finishes with :meth:`Model.head`. :meth:`Model.__call__` is
+built from the same three pieces, so the plain and speculative paths cannot drift apart.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-
-from .base import BaseModelArgs, Context, activation, attention, proj, qkv_projections, split_heads
+from mlx_lm.models.base import BaseModelArgs, create_attention_mask, scaled_dot_product_attention
 
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
 
+# Hugging Face ``activation_function`` names -> MLX functions computing the same formula.
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "gelu": nn.gelu,  # exact (erf)
+    "gelu_new": nn.gelu_approx,  # tanh approximation
+    "gelu_pytorch_tanh": nn.gelu_approx,
+    "gelu_fast": nn.gelu_approx,  # the same tanh formula, written differently
+    "quick_gelu": nn.gelu_fast_approx,  # x * sigmoid(1.702 x)
+    "silu": nn.silu,
+    "swish": nn.silu,
+}
 
-@dataclasses.dataclass
+
+@dataclass
 class ModelArgs(BaseModelArgs):
     model_type: str
     hidden_size: int
@@ -38,57 +69,89 @@ class ModelArgs(BaseModelArgs):
             self.word_embed_proj_dim = self.hidden_size
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads.")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(
+                f"Unsupported activation_function {self.activation_function!r}; "
+                f"supported: {sorted(ACTIVATIONS)}."
+            )
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        h, bias = args.hidden_size, args.enable_bias
+        dim, bias = args.hidden_size, args.enable_bias
         self.n_heads = args.num_attention_heads
-        self.scale = (h // self.n_heads) ** -0.5
-        self.q_proj = nn.Linear(h, h, bias=bias)
-        self.k_proj = nn.Linear(h, h, bias=bias)
-        self.v_proj = nn.Linear(h, h, bias=bias)
-        self.out_proj = nn.Linear(h, h, bias=bias)
+        self.head_dim = dim // self.n_heads
+        self.scale = self.head_dim**-0.5
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, dim, bias=bias)
+        self.v_proj = nn.Linear(dim, dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
 
-    def __call__(self, x: mx.array, ctx: Context, cache) -> mx.array:
-        q, k, v = (split_heads(t, self.n_heads) for t in qkv_projections(self, x, ctx))
-        return proj(self.out_proj, attention(q, k, v, ctx, cache, self.scale), ctx)
+    def __call__(
+        self,
+        x: mx.array,
+        mask: Optional[mx.array] = None,
+        cache: Optional[Any] = None,
+    ) -> mx.array:
+        B, L, _ = x.shape
+        queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+        queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        keys = keys.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        values = values.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+
+        # No rotary embedding: positions were added once, at the embedding.
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+
+        output = scaled_dot_product_attention(
+            queries, keys, values, cache=cache, scale=self.scale, mask=mask
+        )
+        output = output.transpose(0, 2, 1, 3).reshape(B, L, -1)
+        return self.out_proj(output)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        h, affine = args.hidden_size, args.layer_norm_elementwise_affine
-        self.pre_norm = args.do_layer_norm_before
+        dim, affine = args.hidden_size, args.layer_norm_elementwise_affine
+        self.do_layer_norm_before = args.do_layer_norm_before
         self.self_attn = Attention(args)
-        self.self_attn_layer_norm = nn.LayerNorm(h, affine=affine)
-        self.fc1 = nn.Linear(h, args.ffn_dim, bias=args.enable_bias)
-        self.fc2 = nn.Linear(args.ffn_dim, h, bias=args.enable_bias)
-        self.final_layer_norm = nn.LayerNorm(h, affine=affine)
-        self.act = activation(args.activation_function)
+        self.self_attn_layer_norm = nn.LayerNorm(dim, affine=affine)
+        self.fc1 = nn.Linear(dim, args.ffn_dim, bias=args.enable_bias)
+        self.fc2 = nn.Linear(args.ffn_dim, dim, bias=args.enable_bias)
+        self.final_layer_norm = nn.LayerNorm(dim, affine=affine)
+        self.act = ACTIVATIONS[args.activation_function]
 
-    def __call__(self, x: mx.array, ctx: Context, cache) -> mx.array:
-        h = self.self_attn_layer_norm(x) if self.pre_norm else x
-        x = x + self.self_attn(h, ctx, cache)
-        if not self.pre_norm:
+    def __call__(
+        self,
+        x: mx.array,
+        mask: Optional[mx.array] = None,
+        cache: Optional[Any] = None,
+    ) -> mx.array:
+        pre = self.do_layer_norm_before
+        h = self.self_attn_layer_norm(x) if pre else x
+        x = x + self.self_attn(h, mask, cache)
+        if not pre:
             x = self.self_attn_layer_norm(x)
-        h = self.final_layer_norm(x) if self.pre_norm else x
-        x = x + proj(self.fc2, self.act(proj(self.fc1, h, ctx)), ctx)
-        return x if self.pre_norm else self.final_layer_norm(x)
+
+        h = self.final_layer_norm(x) if pre else x
+        x = x + self.fc2(self.act(self.fc1(h)))
+        return x if pre else self.final_layer_norm(x)
 
 
 class OPTDecoder(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        h, proj_dim = args.hidden_size, args.word_embed_proj_dim
+        dim, proj_dim = args.hidden_size, args.word_embed_proj_dim
         self.embed_tokens = nn.Embedding(args.vocab_size, proj_dim)
-        self.embed_positions = nn.Embedding(args.max_position_embeddings + POSITION_OFFSET, h)
-        if proj_dim != h:
-            self.project_in = nn.Linear(proj_dim, h, bias=False)
-            self.project_out = nn.Linear(h, proj_dim, bias=False)
+        self.embed_positions = nn.Embedding(args.max_position_embeddings + POSITION_OFFSET, dim)
+        if proj_dim != dim:
+            self.project_in = nn.Linear(proj_dim, dim, bias=False)
+            self.project_out = nn.Linear(dim, proj_dim, bias=False)
         if args.do_layer_norm_before and not args._remove_final_layer_norm:
-            self.final_layer_norm = nn.LayerNorm(h, affine=args.layer_norm_elementwise_affine)
+            self.final_layer_norm = nn.LayerNorm(dim, affine=args.layer_norm_elementwise_affine)
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
 
 
@@ -113,13 +176,16 @@ class Model(nn.Module):
 
     @property
     def max_positions(self) -> int:
-        """Learned positions end here; rotary families have no hard limit."""
+        """Number of usable positions (0 .. max_positions - 1) of the learned table."""
         return self.args.max_position_embeddings
 
-    def rope_tables(self, positions: mx.array):
-        return None
-
     def embed(self, tokens: mx.array, positions: mx.array) -> mx.array:
+        """Input hidden states ``[B, T, hidden]`` for ``tokens [B, T]`` at absolute ``positions``.
+
+        ``positions`` is ``[T]`` (shared by the batch) or ``[B, T]`` of ints; it need not be
+        consecutive, and several tokens may share a position (speculative stream tokens take
+        their main token's). Position ``p`` reads row ``p + 2`` of the learned table.
+        """
         dec = self.model.decoder
         x = dec.embed_tokens(tokens)
         if "project_in" in dec:
@@ -127,6 +193,7 @@ class Model(nn.Module):
         return x + dec.embed_positions(positions + POSITION_OFFSET)
 
     def head(self, h: mx.array) -> mx.array:
+        """Logits ``[..., vocab]`` from the last decoder layer's hidden states."""
         dec = self.model.decoder
         if "final_layer_norm" in dec:
             h = dec.final_layer_norm(h)
@@ -136,7 +203,36 @@ class Model(nn.Module):
             return dec.embed_tokens.as_linear(h)
         return self.lm_head(h)
 
+    def _positions(self, length: int, cache) -> mx.array:
+        offset = cache[0].offset if cache is not None and cache[0] is not None else 0
+        if isinstance(offset, mx.array) and offset.ndim > 0:
+            # Batched cache (left padding gives negative offsets): [B, T] positions; padded
+            # slots read the padding row, as Hugging Face's do, and are masked out anyway.
+            return mx.maximum(offset[:, None] + mx.arange(length)[None], -1)
+        offset = int(offset)
+        if offset + length > self.max_positions:
+            raise ValueError(
+                f"OPT has {self.max_positions} learned positions; positions up to "
+                f"{offset + length - 1} were requested."
+            )
+        return mx.arange(offset, offset + length)
+
+    def __call__(self, inputs: mx.array, cache=None) -> mx.array:
+        h = self.embed(inputs, self._positions(inputs.shape[1], cache))
+
+        if cache is None:
+            cache = [None] * len(self.layers)
+        mask = create_attention_mask(h, cache[0])
+
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+        return self.head(h)
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        # Checkpoints saved from ``OPTModel`` (not ``OPTForCausalLM``) lack the ``model.`` prefix.
+        weights = {
+            (f"model.{k}" if k.startswith("decoder.") else k): v for k, v in weights.items()
+        }
         if self.args.tie_word_embeddings:
-            weights = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+            weights.pop("lm_head.weight", None)
         return weights
