@@ -92,7 +92,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         except ValueError as e:  # an unknown SPECSTREAM_BLAS, or a named one that is missing
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
-    sys.exit(common.run_app(app, args))
+    code = common.run_app(app, args)
+    from mlx_specstream.host import release_mlx_streams
+
+    release_mlx_streams()  # before the interpreter's teardown (see there)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
