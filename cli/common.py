@@ -36,7 +36,16 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Model directory with a speculative_streaming block (default: the bundled demo model).",
+        help="Model directory or Hugging Face repo id, with or without streams (default: the bundled demo model).",
+        show_default=False,
+    ),
+]
+StreamsOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--streams",
+        help="Attach the streams of another model directory or repo id trained on this model's base "
+        "(e.g. streams trained on the float model, used with its 4-bit copy).",
         show_default=False,
     ),
 ]
@@ -238,12 +247,12 @@ def _len_or_none(items: Any) -> Optional[int]:
         return None
 
 
-def load_model(path: Optional[str], quiet: bool = False):
+def load_model(path: Optional[str], quiet: bool = False, streams: Optional[str] = None):
     """Load ``(model, tokenizer)`` with a spinner on stderr."""
     from mlx_specstream import load
 
     with status(f"Loading {path or 'the demo model'}", quiet=quiet):
-        return load(path)
+        return load(path, streams=streams)
 
 
 def context_length(model: Any, default: int = 4096) -> int:

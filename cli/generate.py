@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from mlx_specstream.cli.common import SpeculateOpt
+from mlx_specstream.cli.common import ModelOpt, SpeculateOpt, StreamsOpt
 
 
 def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
@@ -27,7 +27,8 @@ def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
 
 
 def generate(
-    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model directory (default: the bundled demo model)."),
+    model: ModelOpt = None,
+    streams: StreamsOpt = None,
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Prompt text; '-' reads stdin."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a file."),
     max_tokens: int = typer.Option(256, "--max-tokens", help="Maximum number of tokens to generate."),
@@ -51,7 +52,7 @@ def generate(
     from mlx_specstream.prompting import format_prompt
 
     text = _read_prompt(prompt, prompt_file)
-    mdl, tokenizer = load(model)
+    mdl, tokenizer = load(model, streams=streams)
     if not raw:
         text = format_prompt(mdl, text)
     pieces, tokens, last = [], [], None

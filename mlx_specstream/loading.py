@@ -20,6 +20,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .config import CONFIG_KEY, EXTRAS_FILE, read_config, spec_config_from
+from .hub import hub_snapshot, looks_like_hub_id
 from .models import model_classes
 from .streams import SpecStreamModel
 
@@ -48,11 +49,18 @@ def default_model_path() -> Path:
 
 
 def resolve_model_path(path: Optional[PathLike]) -> Path:
+    """A model directory: the bundled demo (None), a local path, or a Hugging Face hub id
+    (:mod:`.hub`: the local cache first)."""
     if path is None:
         return default_model_path()
     p = Path(path).expanduser()
     if not p.exists():
-        raise FileNotFoundError(f"Model directory {p} does not exist; pass a converted model directory.")
+        if looks_like_hub_id(str(path)):
+            return hub_snapshot(str(path))
+        raise FileNotFoundError(
+            f"Model directory {p} does not exist; pass a converted model directory or a Hugging Face repo id "
+            "(org/name)."
+        )
     if not p.is_dir():
         raise NotADirectoryError(f"{p} is a file; pass the model directory that contains config.json.")
     return p
@@ -93,16 +101,25 @@ def _layers_prefix(model: SpecStreamModel) -> str:
     raise AssertionError("decoder layers not found in the model tree")
 
 
-def load_model(path: PathLike, dtype: Optional[str] = None) -> tuple[SpecStreamModel, dict[str, Any]]:
+def load_model(
+    path: PathLike, dtype: Optional[str] = None, streams: Optional[PathLike] = None
+) -> tuple[SpecStreamModel, dict[str, Any]]:
     """Build the model of a directory and load its weights; returns (model, config).
 
     The base is loaded exactly as mlx-lm loads it (its class for the ``model_type``, its
-    ``sanitize``, its quantization); the stream extras are attached on top.
+    ``sanitize``, its quantization); the stream extras are attached on top. ``streams``: a
+    model directory (or hub id) whose streams to attach instead of the base's own, e.g. the
+    streams trained on a float copy of this base, on its 4-bit copy; the two must be the same
+    base (family, layers, width, vocabulary).
     """
     from mlx_lm.utils import load_model as mlx_lm_load_model
 
     path = Path(path)
     config = read_config(path)
+    extras_dir = path
+    if streams is not None:
+        extras_dir = resolve_model_path(streams)
+        config = {**config, CONFIG_KEY: _streams_block(extras_dir, config)}
     spec = spec_config_from(config, unknown="warn")  # a newer version's keys: ignored, with a warning
     model_classes(config)  # an unknown model_type: our message, before mlx-lm's
     if not glob.glob(str(path / "model*.safetensors")):
@@ -122,10 +139,10 @@ def load_model(path: PathLike, dtype: Optional[str] = None) -> tuple[SpecStreamM
         raise ValueError(f"Could not read the weights in {path}: {e}. A file may be truncated; re-convert it.") from e
     model = SpecStreamModel(base, spec)
     if spec is not None and spec.num_streams > 0:
-        extras_file = path / EXTRAS_FILE
+        extras_file = extras_dir / EXTRAS_FILE
         if not extras_file.is_file():
             raise FileNotFoundError(
-                f"config.json of {path} has a '{CONFIG_KEY}' block but {EXTRAS_FILE} is missing; "
+                f"config.json of {extras_dir} has a '{CONFIG_KEY}' block but {EXTRAS_FILE} is missing; "
                 "re-convert the checkpoint with its stream extras."
             )
         model.attach_stream_lora()
@@ -139,6 +156,27 @@ def load_model(path: PathLike, dtype: Optional[str] = None) -> tuple[SpecStreamM
     model.eval()
     model.config = config  # plain dict (prompt template, ids); not a parameter
     return model, config
+
+
+SAME_BASE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
+
+
+def _streams_block(streams_dir: Path, base_config: dict[str, Any]) -> dict[str, Any]:
+    """The ``speculative_streaming`` block of ``streams_dir``, after checking it was trained on
+    the same base as ``base_config`` describes (dtype and quantization may differ)."""
+    other = read_config(streams_dir)
+    block = other.get(CONFIG_KEY)
+    if not block:
+        raise ValueError(f"{streams_dir} has no '{CONFIG_KEY}' block in config.json: it carries no streams to attach.")
+    differ = [f"{k} {other.get(k)!r} vs {base_config.get(k)!r}" for k in SAME_BASE_KEYS
+              if other.get(k) != base_config.get(k)]
+    if differ:
+        raise ValueError(
+            f"The streams in {streams_dir} were trained on another base than this model ({'; '.join(differ)}); "
+            "attach streams trained on a copy of this base."
+        )
+    # a tuned verdict was measured with the other copy's weights: keep only its tree
+    return {k: v for k, v in block.items() if k not in ("speculate", "tuned_on")}
 
 
 def _load_strict_subset(model: nn.Module, weights: dict, expected: dict, what: str) -> None:
@@ -177,12 +215,13 @@ def load_tokenizer(path: PathLike, config: Optional[dict[str, Any]] = None):
     return load_tok(path, eos_token_ids=eos)
 
 
-def load(path: Optional[PathLike] = None, dtype: Optional[str] = None):
-    """Load ``(model, tokenizer)`` from a model directory (the bundled demo model by default)."""
+def load(path: Optional[PathLike] = None, dtype: Optional[str] = None, streams: Optional[PathLike] = None):
+    """Load ``(model, tokenizer)`` from a model directory or Hugging Face hub id (the bundled
+    demo model by default); ``streams``: attach another directory's streams (:func:`load_model`)."""
     from .host import prepare_for_decoding
 
     path = resolve_model_path(path)
-    model, config = load_model(path, dtype=dtype)
+    model, config = load_model(path, dtype=dtype, streams=streams)
     tokenizer = load_tokenizer(path, config)
     prepare_for_decoding()
     return model, tokenizer
