@@ -18,6 +18,7 @@ from mlx_specstream.cli.common import (
     ModelOpt,
     SeedOpt,
     SpeculateOpt,
+    StreamsOpt,
     TempOpt,
     TopKOpt,
     TopPOpt,
@@ -200,6 +201,7 @@ def _stream_reply(session: ChatSession, text: str, out: TextIO) -> None:
 
 def chat(
     model: ModelOpt = None,
+    streams: StreamsOpt = None,
     system: Optional[str] = typer.Option(None, "--system", help="System prompt for the whole conversation."),
     max_tokens: MaxTokensOpt = 512,
     temp: TempOpt = 0.0,
@@ -216,12 +218,13 @@ def chat(
     """
     if not sys.stdin.isatty():
         fail("chat needs an interactive terminal; for piped input use `specstream generate --prompt -`.")
-    from mlx_specstream import stream_generate
+    from mlx_specstream import make_prompt_cache, stream_generate
 
-    mdl, tokenizer = load_model(model)
+    mdl, tokenizer = load_model(model, streams=streams)
+    prompt_cache = make_prompt_cache(mdl)  # each turn prefills only what the last one did not
 
     def generate_fn(prompt_ids: list[int], **params: Any) -> Iterator[Any]:
-        return stream_generate(mdl, tokenizer, prompt_ids, **params)
+        return stream_generate(mdl, tokenizer, prompt_ids, prompt_cache=prompt_cache, **params)
 
     session = ChatSession(
         tokenizer, generate_fn, context=context_length(mdl), max_tokens=max_tokens, system=system,

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from mlx_specstream.cli.common import MaxTokensOpt, ModelOpt, context_length, fail, load_model
+from mlx_specstream.cli.common import MaxTokensOpt, ModelOpt, StreamsOpt, context_length, fail, load_model
 
 
 def _is_loopback(host: str) -> bool:
@@ -42,6 +42,7 @@ def _stop(signum: int, frame: object) -> None:
 
 def serve(
     model: ModelOpt = None,
+    streams: StreamsOpt = None,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the server to the network."),
     port: int = typer.Option(8080, "--port", min=0, max=65535, help="TCP port (0 picks a free one)."),
     model_name: Optional[str] = typer.Option(
@@ -62,7 +63,7 @@ def serve(
     from mlx_specstream.server import server_for_model
 
     _check_bindable(host, port)  # fail before the slow model load
-    mdl, tokenizer = load_model(model)
+    mdl, tokenizer = load_model(model, streams=streams)
     model_id = model_name or (Path(model).expanduser().resolve().name if model else "demo")
     try:
         server = server_for_model(

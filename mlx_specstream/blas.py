@@ -414,4 +414,4 @@ def warn_if_slow_blas() -> None:
     info = blas_info()
     hint = fix_hint(info)
     if hint is not None:
-        warnings.warn(f"{hint} Silence with {OPT_OUT_ENV}=1.", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{hint} Silence with {OPT_OUT_ENV}=1.", RuntimeWarning, stacklevel=4)

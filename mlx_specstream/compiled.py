@@ -8,27 +8,29 @@ growths: the buffers grow in 32-token quanta and the offset is a device scalar (
 :mod:`.cache`), so one trace per buffer size serves every step of every generation with the
 same step kind, tree and sampler.
 
-Every step function maps ``(tokens, offset, keys, values)`` to ``(info, next_tokens,
-next_offset, keys, values)``; ``keys``/``values`` are the per-layer cache buffers
-``[1, H, C, D]``, ``offset`` the committed length (an int32 scalar):
+Every step function maps ``(tokens, offset, keys, values)`` to ``(depth, path, bonus,
+next_tokens, next_offset, keys, values)``; ``keys``/``values`` are the per-layer cache buffers
+``[1, H, C, D]``, ``offset`` the committed length (an int32 scalar). The step commits its
+accepted path into place in every layer's cache (DESIGN.md rule 8): ``depth`` (scalar) is the
+accepted node's depth d, ``path`` ``[D + 1]`` the tokens from the root to it (padded past d),
+``bonus`` ``[1]`` the main stream's next token there. The step emits ``path[1 : d + 1]`` and
+``bonus``, and the next step starts at ``next_offset = offset + d + 1`` from ``next_tokens``
+(the bonus token, then the new drafts), both on the device, so it can be launched before this
+step's tokens are read (:mod:`.generate`). Kinds:
 
-* ``"ar"``: one token, plain decoding. info ``[1]`` = the next token.
-* ``"tree"``: verify the draft tree, walk it, gather the accepted path into place in every
-  layer's cache, draft the next tree from the accepted node's streams (DESIGN.md rule 8).
-  info ``[D + 3]`` = (depth d of the accepted node, its path's tokens ``[D + 1]``, bonus token).
+* ``"ar"``: one token, plain decoding (d = 0).
+* ``"tree"``: verify the draft tree, walk it, gather the accepted path into place, draft the
+  next tree from the accepted node's streams.
 * ``"chain"``: verify an external drafter's chain (prompt lookup) with the main stream only;
-  a chain's accepted path is already in place. info as for ``"tree"``.
-
-``next_tokens`` is the next step's input (the bonus token, then the new drafts) and
-``next_offset = offset + d + 1`` (``+ 1`` for ``"ar"``): every input of the next step is on
-the device, so it can be launched before this step's tokens are read (:mod:`.generate`).
+  a chain's accepted path is already in place. ``next_tokens`` is the bonus alone.
+* ``"pruned"``: a tree step with tree pruning; run eagerly (the kept subtree changes every step).
 """
 
 from __future__ import annotations
 
 import collections
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import mlx.core as mx
 
@@ -46,14 +48,18 @@ MAX_MODELS = 4
 _TABLES: "collections.OrderedDict[int, tuple[object, dict]]" = collections.OrderedDict()
 
 
-def step_function(model, kind: str, plan: Plan, sampling: SamplingParams, compile: bool = True) -> StepFn:
+def step_function(model, kind: str, plan: Plan, sampling: SamplingParams, compile: bool = True,
+                  prune_threshold: Optional[float] = None) -> StepFn:
     """The (cached) step of ``kind`` for ``model`` and ``plan``; ``compile=False`` gives the same
-    function run eagerly. A compiled step retraces once per cache buffer size."""
-    key = (kind, plan.tree, plan.n_main, sampling, compile)
+    function run eagerly (always, for ``"pruned"`` steps, with their ``prune_threshold``). A
+    compiled step retraces once per cache buffer size."""
+    compile = compile and kind != "pruned"
+    key = (kind, plan.tree, plan.n_main, sampling, compile, prune_threshold)
     table = _model_table(model)
     fn = table.get(key)
     if fn is None:
-        fn = functools.partial(_KINDS[kind], model, plan, make_sampler(sampling))
+        extra = (prune_threshold,) if kind == "pruned" else ()
+        fn = functools.partial(_KINDS[kind], model, plan, make_sampler(sampling), *extra)
         if compile:
             # Parameters are read at every call (not frozen into the trace), and sampling
             # advances the global random state as eager code would.
@@ -92,8 +98,8 @@ def _buffers(cache: list[KVCache]) -> tuple[list[mx.array], list[mx.array]]:
 def _ar_step(model, plan, sampler, tokens, offset, keys, values):
     cache = _views(keys, values, offset)
     out = model.forward(tokens[None], cache, plan, streams=False)
-    nxt = sampler(out.logits)
-    return (nxt, nxt, offset + 1, *_buffers(cache))
+    bonus = sampler(out.logits)
+    return (mx.array(0, dtype=mx.int32), tokens, bonus, bonus, offset + 1, *_buffers(cache))
 
 
 def _tree_step(model, plan, sampler, tokens, offset, keys, values):
@@ -108,8 +114,26 @@ def _tree_step(model, plan, sampler, tokens, offset, keys, values):
         for c in cache:
             c.gather(path)  # entries past the accepted depth are garbage beyond the new offset
     depth = plan.depth_dev[best]
-    info = mx.concatenate([depth[None], path_tokens, bonus])
-    return (info, mx.concatenate([bonus, drafts]), offset + depth + 1, *_buffers(cache))
+    return (depth, path_tokens, bonus, mx.concatenate([bonus, drafts]), offset + depth + 1, *_buffers(cache))
+
+
+def _pruned_step(model, plan, sampler, threshold, tokens, offset, keys, values):
+    cache = _views(keys, values, offset)
+    out = model.forward(tokens[None], cache, plan, True, threshold)
+    run = out.plan  # the kept subtree's plan
+    if out.keep is not None:
+        tokens = tokens[mx.array(out.keep)]
+    chosen = sampler(out.logits)
+    best, path_tokens = accept(tokens, chosen, run)
+    bonus = chosen[best][None]
+    drafts = draft(model, out.stream_hidden[best], plan)  # the next tree is the full tree again
+    path = run.paths_dev[best]
+    # the layers below the streams wrote every node, the ones above only the kept nodes
+    below = path if out.keep is None else mx.array(out.keep)[path]
+    for i, c in enumerate(cache):
+        c.gather(below if i < model.msa_start else path)
+    depth = run.depth_dev[best]
+    return (depth, path_tokens, bonus, mx.concatenate([bonus, drafts]), offset + depth + 1, *_buffers(cache))
 
 
 def _chain_step(model, plan, sampler, tokens, offset, keys, values):
@@ -119,8 +143,7 @@ def _chain_step(model, plan, sampler, tokens, offset, keys, values):
     best, path_tokens = accept(tokens, chosen, plan)
     bonus = chosen[best][None]
     depth = best.astype(mx.int32)  # a chain's node index is its depth
-    info = mx.concatenate([depth[None], path_tokens, bonus])
-    return (info, bonus, offset + depth + 1, *_buffers(cache))
+    return (depth, path_tokens, bonus, bonus, offset + depth + 1, *_buffers(cache))
 
 
-_KINDS = {"ar": _ar_step, "tree": _tree_step, "chain": _chain_step}
+_KINDS = {"ar": _ar_step, "tree": _tree_step, "chain": _chain_step, "pruned": _pruned_step}

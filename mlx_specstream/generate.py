@@ -19,7 +19,7 @@ from .device import describe_device
 from .sampling import SamplingParams, make_sampler
 from .streams import AR_PLAN, SpecStreamModel, chain_plan, prefill_plan, tree_plan
 from .tree import Tree, TreeSpec, parse_tree_spec
-from .verify import accept, draft
+from .verify import draft
 
 # Per-depth top-k, cut to the number of streams: 13 nodes at γ = 4, cheap enough on a CPU.
 # `specstream bench --tune` measures and saves a better tree per model and device.
@@ -34,6 +34,42 @@ class Step:
     tokens: list[int]  # emitted this step: accepted drafts, then the bonus token
     accepted: int  # number of draft tokens accepted (len(tokens) - 1 for a full step)
     prefill: bool = False
+
+
+# mlx-lm's default: a long prompt is prefilled in chunks of this many tokens, so its attention
+# scores and masks stay bounded
+PREFILL_STEP_SIZE = 2048
+
+
+@dataclasses.dataclass
+class PromptCache:
+    """Per-layer caches kept from one generation to the next, and the tokens whose keys and
+    values they hold: a new prompt that starts with those tokens prefills only the rest (a
+    chat's next turn, a server's next request with the same system prompt)."""
+
+    layers: list = dataclasses.field(default_factory=list)
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    reused: int = 0  # prompt tokens the last generation found cached
+
+    def reuse(self, prompt: list[int], num_layers: int) -> int:
+        """Keep the longest cached prefix of ``prompt`` (all but its last token at most: that
+        one's logits start the generation) and drop the rest; returns the prefix length."""
+        if len(self.layers) != num_layers:
+            self.layers, self.tokens = make_cache(num_layers), []
+        keep = 0
+        limit = min(len(self.tokens), len(prompt) - 1)
+        while keep < limit and self.tokens[keep] == prompt[keep]:
+            keep += 1
+        for c in self.layers:
+            c.trim(int(c.offset) - keep)
+        self.tokens = self.tokens[:keep]
+        self.reused = keep
+        return keep
+
+
+def make_prompt_cache(model: SpecStreamModel) -> PromptCache:
+    """An empty :class:`PromptCache` for ``model`` (pass it to every generation to reuse)."""
+    return PromptCache(make_cache(model.num_layers))
 
 
 def resolve_tree(model: SpecStreamModel, tree: Optional[TreeSpec]) -> Optional[Tree]:
@@ -101,6 +137,8 @@ def generate_step(
     drafter=None,
     compile: bool = True,
     pipeline: Optional[bool] = None,
+    prompt_cache: Optional[PromptCache] = None,
+    prefill_step_size: int = PREFILL_STEP_SIZE,
 ) -> Iterator[Step]:
     """Yield the tokens of each decoding step, the prefill's first token included.
 
@@ -118,6 +156,10 @@ def generate_step(
     default (None) pipelines AR steps only: measured on a 2-core CPU, pipelined tree steps
     decoded ~9% slower (the next step's launch competes with the current step's BLAS
     threads), pipelined AR steps 1-3% faster (BENCHMARKS.md, examples/perf/pipeline.py).
+    ``prompt_cache``: keys and values kept from earlier generations (:class:`PromptCache`):
+    the prompt's cached prefix is not prefilled again, and the cache holds this generation's
+    tokens afterwards, however it ends. The prompt is prefilled in chunks of
+    ``prefill_step_size`` tokens.
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("The prompt must be a non-empty 1-D sequence of token ids.")
@@ -136,143 +178,123 @@ def generate_step(
             f"Prompt ({prompt.size} tokens) + max_tokens ({max_tokens}) exceeds the model's context of "
             f"{limit} positions; shorten the prompt or lower max_tokens."
         )
-    layers_cache = make_cache(model.num_layers)
+    if prefill_step_size < 1:
+        raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}.")
+    if prompt_cache is not None and cache is not None:
+        raise ValueError("Pass either cache (to inspect a fresh one) or prompt_cache (to reuse one), not both.")
+    ids = prompt.tolist()
+    start = prompt_cache.reuse(ids, model.num_layers) if prompt_cache is not None else 0
+    layers_cache = prompt_cache.layers if prompt_cache is not None else make_cache(model.num_layers)
     if cache is not None:
         cache.extend(layers_cache)
     cache = layers_cache
 
+    emitted: list[int] = []
+    try:
+        yield from _generate_steps(model, prompt[start:], cache, plan, use_streams, sampling, max_tokens,
+                                   prune_threshold, drafter, ids, compile, pipeline, prefill_step_size, emitted)
+    finally:
+        if prompt_cache is not None:  # what the cache holds, however the generation ended
+            prompt_cache.tokens = (ids + emitted)[: int(cache[0].offset)]
+
+
+def _generate_steps(model, rest, cache, plan, use_streams, sampling, max_tokens, prune_threshold,
+                    drafter, ids, compile, pipeline, prefill_step_size, emitted) -> Iterator[Step]:
+    """Prefill ``rest`` (the prompt past its cached prefix) in chunks, then decode; every
+    emitted token is appended to ``emitted``."""
+    for start in range(0, rest.size - prefill_step_size, prefill_step_size):  # all chunks but the last
+        chunk = rest[start : start + prefill_step_size]
+        model.forward(chunk[None], cache, prefill_plan(chunk.size, 0), streams=False)
+        mx.eval([c.state for c in cache])
+        for c in cache:
+            c.commit(None, chunk.size)
+    last = rest[(rest.size - 1) // prefill_step_size * prefill_step_size :]
     sampler = make_sampler(sampling)
-    out = model.forward(prompt[None], cache, prefill_plan(prompt.size, plan.num_streams if use_streams else 0), use_streams)
+    out = model.forward(last[None], cache, prefill_plan(last.size, plan.num_streams if use_streams else 0), use_streams)
     root = sampler(out.logits[-1:])
     drafts = draft(model, out.stream_hidden[-1], plan) if use_streams else None
     mx.eval(root, drafts) if drafts is not None else mx.eval(root)
     for c in cache:
-        c.commit(None, prompt.size)
-    yield Step([root.item()], 0, prefill=True)
-
-    if max_tokens <= 1:
-        return
-    if drafter is not None:
-        yield from _drafter_steps(model, cache, root, prompt.tolist(), drafter, max_tokens, sampling, compile)
-    elif not use_streams:
-        yield from _decode_steps(model, "ar", AR_PLAN, sampling, compile, root, cache, max_tokens, pipeline)
-    elif prune_threshold and model.has_pruning:
-        yield from _pruned_tree_steps(model, cache, root, drafts, plan, max_tokens, sampler, prune_threshold)
-    else:
-        tokens = mx.concatenate([root, drafts])
-        yield from _decode_steps(model, "tree", plan, sampling, compile, tokens, cache, max_tokens, pipeline)
+        c.commit(None, last.size)
+    for step in _decode(model, cache, plan, use_streams, root, drafts, sampling, max_tokens, prune_threshold,
+                        drafter, ids, compile, pipeline):
+        emitted.extend(step.tokens)
+        yield step
 
 
-@dataclasses.dataclass
-class _Launched:
-    """A step whose computation was started: its outputs, still lazy."""
-
-    info: mx.array
-    tokens: mx.array  # the next step's input tokens
-    offset: mx.array  # the next step's offset
-
-
-def _launch(model, kind: str, plan, sampling, compile: bool, tokens: mx.array, offset: mx.array,
-            offset_bound: int, cache: list) -> _Launched:
-    """Start one step of ``kind`` (:mod:`.compiled`) and point ``cache`` at its output buffers.
-
-    First the buffers grow, if needed, to hold the step's new tokens past ``offset_bound``
-    (>= the step's offset).
-    """
-    reserve_all(cache, offset_bound + (plan.msa_mask.shape[0] if kind == "tree" else plan.n_main))
-    fn = step_function(model, kind, plan, sampling, compile)
-    info, nxt, next_offset, keys, values = fn(tokens, offset, [c.keys for c in cache], [c.values for c in cache])
-    for c, k, v in zip(cache, keys, values):
-        c.keys, c.values = k, v  # the old buffers are dropped, so the step may update them in place
-    mx.async_eval(info, nxt, next_offset, keys, values)
-    return _Launched(info, nxt, next_offset)
-
-
-def _decode_steps(model, kind: str, plan, sampling, compile: bool, tokens: mx.array, cache: list,
-                  max_tokens: int, pipeline: Optional[bool]) -> Iterator[Step]:
-    """AR or tree steps until ``max_tokens`` tokens were emitted (the prefill's included).
+def _decode(model, cache, plan, use_streams, root, drafts, sampling, max_tokens, prune_threshold, drafter,
+            ids, compile, pipeline) -> Iterator[Step]:
+    """The decoding loop, one for every step kind (:mod:`.compiled`): plain, tree (pruned or
+    not) and an external drafter's chains. It alone moves the caches' offset, by the accepted
+    depth + 1 of each step it reads.
 
     With ``pipeline``, step k + 1 is launched before step k's tokens are read: all its inputs
     are device arrays, so the host's per-step work (reading tokens, yielding, the caller's
     detokenizing) overlaps the computation. A caller that stops early leaves that one step
     unread; its results are simply dropped. ``pipeline=None``: AR steps only (see
-    :func:`generate_step`).
+    :func:`generate_step`). A drafter's next chain depends on the tokens just read, so its
+    steps are never pipelined.
     """
+    yield Step([root.item()], 0, prefill=True)
+    if max_tokens <= 1:
+        return
+    if drafter is not None:
+        kind, tokens = None, root  # the kind follows each chain's length
+    elif not use_streams:
+        kind, tokens, plan = "ar", root, AR_PLAN
+    else:
+        kind, tokens = ("pruned" if prune_threshold and model.has_pruning else "tree"), mx.concatenate([root, drafts])
     if pipeline is None:
         pipeline = kind == "ar"
-    advance = plan.tree.max_depth + 1 if kind == "tree" else 1  # most tokens one step commits
+    pipeline = pipeline and kind in ("ar", "tree")
+    history = ids + [root.item()]
     offset = cache[0].offset
-    pending = _launch(model, kind, plan, sampling, compile, tokens, mx.array(offset, dtype=mx.int32), offset, cache)
     emitted = 1
+
+    def launch(tokens: mx.array, dev_offset: mx.array, bound: int) -> _Launched:
+        step_kind, step_plan, step_drafts = kind, plan, []
+        if drafter is not None:
+            step_drafts = drafter.propose(history)[: max(0, max_tokens - emitted - 1)]
+            step_kind, step_plan = ("chain", chain_plan(len(step_drafts))) if step_drafts else ("ar", AR_PLAN)
+            tokens = mx.array(history[-1:] + step_drafts, dtype=mx.int32)
+        new = step_plan.msa_mask.shape[0] if step_kind in ("tree", "pruned") else step_plan.n_main
+        reserve_all(cache, bound + new)
+        fn = step_function(model, step_kind, step_plan, sampling, compile, prune_threshold)
+        depth, path, bonus, nxt, next_offset, keys, values = fn(
+            tokens, dev_offset, [c.keys for c in cache], [c.values for c in cache])
+        for c, k, v in zip(cache, keys, values):
+            c.keys, c.values = k, v  # the old buffers are dropped, so the step may update them in place
+        mx.async_eval(depth, path, bonus, nxt, next_offset, keys, values)
+        return _Launched(depth, path, bonus, nxt, next_offset)
+
+    advance = plan.tree.max_depth + 1 if kind == "tree" else 1  # most tokens one step commits
+    pending = launch(tokens, mx.array(offset, dtype=mx.int32), offset)
     while True:
         ahead = None
         if pipeline and emitted + 1 < max_tokens:  # the next step may be needed
-            ahead = _launch(model, kind, plan, sampling, compile, pending.tokens, pending.offset,
-                            offset + advance, cache)
-        info = pending.info.tolist()
-        if kind == "ar":
-            depth, step_tokens = 0, info
-        else:
-            depth = info[0]
-            step_tokens = info[2 : depth + 2] + [info[-1]]
-        offset += depth + 1  # the step gathered the accepted path into place
+            ahead = launch(pending.next_tokens, pending.next_offset, offset + advance)
+        depth = pending.depth.item()
+        step_tokens = pending.path.tolist()[1 : depth + 1] + pending.bonus.tolist()
+        offset += depth + 1  # the step gathered its accepted path into place
         for c in cache:
             c.offset = offset
+        history.extend(step_tokens)
         emitted += len(step_tokens)
         yield Step(step_tokens, depth)
         if emitted >= max_tokens:
             return
-        pending = ahead or _launch(model, kind, plan, sampling, compile, pending.tokens, pending.offset,
-                                   offset, cache)
+        pending = ahead or launch(pending.next_tokens, pending.next_offset, offset)
 
 
-def _pruned_tree_steps(model, cache, root, drafts, plan, max_tokens, sampler, threshold) -> Iterator[Step]:
-    """Speculative steps with tree pruning, run eagerly: the kept subtree changes every step."""
-    msa_start = model.msa_start
-    emitted = 1
-    while emitted < max_tokens:
-        tokens = mx.concatenate([root, drafts])
-        out = model.forward(tokens[None], cache, plan, True, threshold)
-        run = out.plan
-        if out.keep is not None:
-            tokens = tokens[mx.array(out.keep)]
-        chosen = sampler(out.logits)
-        best, path_tokens = accept(tokens, chosen, run)
-        root = chosen[best][None]
-        drafts = draft(model, out.stream_hidden[best], plan)
-        mx.eval(best, path_tokens, root, drafts)
+@dataclasses.dataclass
+class _Launched:
+    """A step whose computation was started: its outputs, still lazy (:mod:`.compiled`)."""
 
-        b = best.item()
-        depth = int(run.depth[b])
-        path = run.paths[b, : depth + 1].tolist()
-        for i, c in enumerate(cache):
-            if out.keep is not None and i < msa_start:
-                c.commit([int(out.keep[j]) for j in path])
-            else:
-                c.commit(path)
-        step_tokens = path_tokens.tolist()[1 : depth + 1] + [root.item()]
-        emitted += len(step_tokens)
-        yield Step(step_tokens, depth)
-
-
-def _drafter_steps(model, cache, root, prompt, drafter, max_tokens, sampling, compile) -> Iterator[Step]:
-    """Verify an external drafter's chains with the main stream (no speculative streams)."""
-    history = prompt + [root.item()]
-    emitted = 1
-    while emitted < max_tokens:
-        drafts = drafter.propose(history)[: max(0, max_tokens - emitted - 1)]
-        kind, plan = ("chain", chain_plan(len(drafts))) if drafts else ("ar", AR_PLAN)
-        tokens = mx.array([history[-1]] + drafts, dtype=mx.int32)
-        offset = cache[0].offset
-        info = _launch(model, kind, plan, sampling, compile, tokens, mx.array(offset, dtype=mx.int32),
-                       offset, cache).info.tolist()
-        depth = info[0] if kind == "chain" else 0
-        for c in cache:
-            c.commit(None, depth + 1)  # a chain: the accepted path is already in place
-        step = drafts[:depth] + [info[-1]]
-        history.extend(step)
-        emitted += len(step)
-        yield Step(step, depth)
+    depth: mx.array  # accepted depth d
+    path: mx.array  # tokens from the root to the accepted node [D + 1]
+    bonus: mx.array  # [1] the main stream's next token
+    next_tokens: mx.array  # the next step's input tokens
+    next_offset: mx.array  # the next step's offset
 
 
 @dataclasses.dataclass
@@ -293,6 +315,7 @@ class GenerationResponse:
     peak_memory_gb: float
     finish_reason: Optional[str] = None  # None, "stop" or "length"
     acceptance_lengths: list[int] = dataclasses.field(default_factory=list)
+    cached_prompt_tokens: int = 0  # prompt tokens found in the prompt cache (not prefilled again)
 
 
 def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
@@ -328,8 +351,12 @@ def stream_generate(
     prune_threshold: Optional[float] = None,
     eos_token_ids: Optional[Sequence[int]] = None,
     drafter=None,
+    prompt_cache: Optional[PromptCache] = None,
 ) -> Iterator[GenerationResponse]:
-    """Yield :class:`GenerationResponse` objects as text is produced; the last has ``finish_reason``."""
+    """Yield :class:`GenerationResponse` objects as text is produced; the last has ``finish_reason``.
+
+    ``prompt_cache`` (:func:`make_prompt_cache`): reuse the keys and values of earlier
+    generations for the prompt's cached prefix (a chat's earlier turns)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
     ids = encode_prompt(tokenizer, prompt)
@@ -349,16 +376,18 @@ def stream_generate(
     acceptance: list[int] = []
     tic = time.perf_counter()
     prompt_time = 0.0
+    cached = 0
     decode_start = tic
     steps = generate_step(
         model, mx.array(ids, dtype=mx.int32), max_tokens=max_tokens, sampling=sampling,
-        tree=tree, speculate=speculate, prune_threshold=prune_threshold, drafter=drafter,
+        tree=tree, speculate=speculate, prune_threshold=prune_threshold, drafter=drafter, prompt_cache=prompt_cache,
     )
     for step in steps:
         now = time.perf_counter()
         if step.prefill:
             prompt_time = now - tic
             decode_start = now
+            cached = prompt_cache.reused if prompt_cache is not None else 0
         else:
             decode_steps += 1
             acceptance.append(step.accepted)
@@ -394,12 +423,13 @@ def stream_generate(
             decode_steps=decode_steps,
             tokens_per_step=decode_tokens / decode_steps if decode_steps else 0.0,
             decode_tokens_per_sec=decode_tokens / decode_time if decode_time > 0 else 0.0,
-            prompt_tokens_per_sec=len(ids) / prompt_time if prompt_time > 0 else 0.0,
+            prompt_tokens_per_sec=(len(ids) - cached) / prompt_time if prompt_time > 0 else 0.0,
             prompt_time=prompt_time,
             decode_time=decode_time,
             peak_memory_gb=mx.get_peak_memory() / 1e9,
             finish_reason=finish,
             acceptance_lengths=list(acceptance),
+            cached_prompt_tokens=cached,
         )
         if finish is not None:
             return

@@ -22,7 +22,7 @@ def prepare_for_decoding() -> None:
     """Call once a model is loaded (``mlx_specstream.load`` does)."""
     from .blas import warn_if_slow_blas
 
-    warn_if_slow_blas()
+    warn_if_slow_blas()  # (its warning points at the caller of load())
     gc.freeze()
 
 

@@ -502,10 +502,14 @@ def create_server(
 
 def server_for_model(model: Any, tokenizer: Any, model_id: str, **kwargs: Any) -> SpecStreamServer:
     """:func:`create_server` for a loaded model: ``mlx_specstream.stream_generate`` behind it."""
-    from .generate import encode_prompt, stream_generate
+    from .generate import encode_prompt, make_prompt_cache, stream_generate
+
+    # one generation at a time (one worker), so consecutive requests share one prompt cache:
+    # a request that starts like the last one (a system prompt, a conversation) prefills the rest
+    prompt_cache = make_prompt_cache(model)
 
     def generate_fn(prompt_ids: list[int], **params: Any) -> Iterator[Any]:
-        return stream_generate(model, tokenizer, prompt_ids, **params)
+        return stream_generate(model, tokenizer, prompt_ids, prompt_cache=prompt_cache, **params)
 
     def encode_fn(prompt: Any) -> list[int]:
         return encode_prompt(tokenizer, prompt)

@@ -48,11 +48,13 @@ def test_compiled_step_equals_eager_step(kind, spec):
     for compile, capacity in [(False, 64), (True, 64), (True, 96)]:  # extra buffer room changes nothing
         cache = _prefilled(model, prompt, capacity)
         fn = compiled.step_function(model, kind, plan, SamplingParams(), compile)
-        info, nxt, offset, keys, values = fn(tokens, mx.array(len(prompt)), [c.keys for c in cache],
-                                             [c.values for c in cache])
-        outs.append((np.array(info), np.array(nxt), offset.item(), [np.array(k) for k in keys]))
+        depth, path, bonus, nxt, offset, keys, values = fn(tokens, mx.array(len(prompt)), [c.keys for c in cache],
+                                                           [c.values for c in cache])
+        info = np.concatenate([np.array(depth)[None], np.array(path), np.array(bonus)])
+        outs.append((info, np.array(nxt), offset.item(), [np.array(k) for k in keys]))
     ref = outs[0]
-    depth = 0 if kind == "ar" else int(ref[0][0])
+    depth = int(ref[0][0])
+    assert depth == 0 or kind != "ar"
     assert ref[2] == len(prompt) + depth + 1  # the next step's offset, on the device
     for info, nxt, offset, keys in outs[1:]:
         np.testing.assert_array_equal(info, ref[0])
