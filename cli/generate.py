@@ -39,6 +39,8 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
     tree: Optional[str] = typer.Option(None, "--tree", help="Draft tree: per-depth top-k like '4,2,2,1' or JSON paths."),
     speculate: SpeculateOpt = None,
+    truncate_prompt: bool = typer.Option(
+        False, "--truncate-prompt", help="Drop the prompt's oldest tokens if it does not fit the context."),
     raw: bool = typer.Option(False, "--raw", help="Do not apply the model's prompt template."),
     as_json: bool = typer.Option(False, "--json", help="Print exactly one JSON object instead of streaming text."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the accepted draft tokens of every step."),
@@ -59,7 +61,7 @@ def generate(
     color = sys.stdout.isatty()
     for resp in stream_generate(
         mdl, tokenizer, text, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
-        min_p=min_p, seed=seed, tree=tree, speculate=speculate,
+        min_p=min_p, seed=seed, tree=tree, speculate=speculate, truncate_prompt=truncate_prompt,
     ):
         last = resp
         pieces.append(resp.text)

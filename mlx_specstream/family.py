@@ -91,19 +91,20 @@ class UnsupportedFamily(ValueError):
 class Family:
     """The pieces of one mlx-lm model that the stream wrapper drives (see the module doc).
 
-    ``windows``: per layer, the attention window (None for full attention). A model whose
-    layers keep recurrent state instead of keys and values is refused with the reason.
+    ``windows``: per layer, the attention window (None for full attention). ``plain_only``:
+    None, or why the model cannot verify a draft tree (layers that keep recurrent state instead
+    of keys and values); such a model decodes plainly through mlx-lm's own loop and caches.
     """
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.layers = model.layers
         self.windows, blocker = _layer_windows(model)
-        if blocker:
-            raise UnsupportedFamily(
-                f"{getattr(model, 'model_type', type(model).__name__)}: {blocker}, and mlx-specstream decodes "
-                "with key/value caches only; run this model with mlx-lm itself."
-            )
+        self.plain_only = (
+            f"{getattr(model, 'model_type', type(model).__name__)}: {blocker}" if blocker else None
+        )
+        if self.plain_only:
+            return  # nothing below is driven for it
         self.decoder = _decoder(model)
         self.own_embed = callable(getattr(model, "embed", None)) and callable(getattr(model, "head", None))
         self.norm = None if self.own_embed else _final_norm(self.decoder)

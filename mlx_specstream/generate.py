@@ -139,6 +139,7 @@ def generate_step(
     pipeline: Optional[bool] = None,
     prompt_cache: Optional[PromptCache] = None,
     prefill_step_size: int = PREFILL_STEP_SIZE,
+    truncate_prompt: bool = False,
 ) -> Iterator[Step]:
     """Yield the tokens of each decoding step, the prefill's first token included.
 
@@ -159,11 +160,17 @@ def generate_step(
     ``prompt_cache``: keys and values kept from earlier generations (:class:`PromptCache`):
     the prompt's cached prefix is not prefilled again, and the cache holds this generation's
     tokens afterwards, however it ends. The prompt is prefilled in chunks of
-    ``prefill_step_size`` tokens.
+    ``prefill_step_size`` tokens. A prompt that does not fit the model's context beside
+    ``max_tokens`` is an error naming both, or with ``truncate_prompt`` loses its oldest
+    tokens, with a warning.
     """
     if prompt.ndim != 1 or prompt.size == 0:
         raise ValueError("The prompt must be a non-empty 1-D sequence of token ids.")
     sampling.validate()
+    if model.family.plain_only:
+        yield from _plain_only_steps(model, prompt, max_tokens, sampling, speculate, tree, drafter, prompt_cache,
+                                     prefill_step_size)
+        return
     use_streams = will_speculate(model, speculate, tree) and drafter is None
     draft_tree = resolve_tree(model, tree) if use_streams else None
     plan = tree_plan(draft_tree, model.num_streams) if use_streams else AR_PLAN
@@ -174,10 +181,19 @@ def generate_step(
     limit = model.max_positions
     needed = prompt.size + max_tokens + 2 * depth + 1
     if limit is not None and needed > limit:
-        raise ValueError(
-            f"Prompt ({prompt.size} tokens) + max_tokens ({max_tokens}) exceeds the model's context of "
-            f"{limit} positions; shorten the prompt or lower max_tokens."
+        room = prompt.size - (needed - limit)
+        if not truncate_prompt or room < 1:
+            raise ValueError(
+                f"Prompt ({prompt.size} tokens) + max_tokens ({max_tokens}) exceeds the model's context of "
+                f"{limit} positions; shorten the prompt, lower max_tokens, or truncate the prompt "
+                "(--truncate-prompt, truncate_prompt=True)."
+            )
+        warnings.warn(
+            f"The prompt ({prompt.size} tokens) does not fit the model's {limit}-token context beside "
+            f"max_tokens ({max_tokens}); its first {prompt.size - room} tokens were dropped.",
+            stacklevel=2,
         )
+        prompt = prompt[-room:]
     if prefill_step_size < 1:
         raise ValueError(f"prefill_step_size must be >= 1, got {prefill_step_size}.")
     if prompt_cache is not None and cache is not None:
@@ -196,6 +212,26 @@ def generate_step(
     finally:
         if prompt_cache is not None:  # what the cache holds, however the generation ended
             prompt_cache.tokens = (ids + emitted)[: int(cache[0].offset)]
+
+
+def _plain_only_steps(model, prompt, max_tokens, sampling, speculate, tree, drafter, prompt_cache,
+                      prefill_step_size) -> Iterator[Step]:
+    """A model that cannot verify a tree (:attr:`.family.Family.plain_only`) decodes plainly
+    through mlx-lm's own generation loop and caches."""
+    from mlx_lm.generate import generate_step as mlx_lm_generate_step
+
+    if speculate or tree is not None or drafter is not None:
+        raise ValueError(
+            f"This model cannot verify drafts ({model.family.plain_only}); generate without speculation "
+            "(--no-speculate, speculate=False) and without a tree or drafter."
+        )
+    if prompt_cache is not None:
+        prompt_cache.reused = 0  # its caches are mlx-lm's own, made afresh for each generation
+    sampler = make_sampler(sampling)
+    steps = mlx_lm_generate_step(prompt, model.base, max_tokens=max_tokens, sampler=sampler,
+                                 prefill_step_size=prefill_step_size)
+    for i, (token, _) in enumerate(steps):
+        yield Step([int(token)], 0, prefill=i == 0)
 
 
 def _generate_steps(model, rest, cache, plan, use_streams, sampling, max_tokens, prune_threshold,
@@ -352,6 +388,7 @@ def stream_generate(
     eos_token_ids: Optional[Sequence[int]] = None,
     drafter=None,
     prompt_cache: Optional[PromptCache] = None,
+    truncate_prompt: bool = False,
 ) -> Iterator[GenerationResponse]:
     """Yield :class:`GenerationResponse` objects as text is produced; the last has ``finish_reason``.
 
@@ -381,6 +418,7 @@ def stream_generate(
     steps = generate_step(
         model, mx.array(ids, dtype=mx.int32), max_tokens=max_tokens, sampling=sampling,
         tree=tree, speculate=speculate, prune_threshold=prune_threshold, drafter=drafter, prompt_cache=prompt_cache,
+        truncate_prompt=truncate_prompt,
     )
     for step in steps:
         now = time.perf_counter()

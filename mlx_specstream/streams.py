@@ -238,6 +238,8 @@ class SpecStreamModel(nn.Module):
         self.base = base
         self.spec = spec
         self.family = Family(base)  # not a parameter: references into ``base``
+        if self.family.plain_only and spec is not None and spec.num_streams > 0:
+            raise UnsupportedFamily(f"This model cannot carry speculative streams ({self.family.plain_only}).")
         n_layers, h = len(base.layers), _hidden_size(base)
         if spec is not None and spec.num_streams > 0:
             spec.validate(num_layers=n_layers)
@@ -379,6 +381,8 @@ class SpecStreamModel(nn.Module):
 
     def __call__(self, tokens: mx.array) -> mx.array:
         """Whole-sequence main-stream logits ``[B, T] -> [B, T, V]`` (no cache), for checks."""
+        if self.family.plain_only:
+            return self.base(tokens)
         plan = prefill_plan(tokens.shape[1], 0)
         h = self.family.embed(tokens, plan.main_offsets)
         h = run_layers(self.family, h, range(self.num_layers), [], plan.main_mask, plan.main_offsets, True)
@@ -388,6 +392,8 @@ class SpecStreamModel(nn.Module):
         """Raise :class:`~.family.UnsupportedFamily` unless driving the base's pieces
         reproduces its own logits: catches a family whose forward pass does something the
         wrapper does not (an unknown prologue, a head transform)."""
+        if self.family.plain_only:
+            return  # decoded by mlx-lm's own forward pass
         tokens = mx.array([[1, 2, 3, 4, 5]], dtype=mx.int32) if tokens is None else tokens
         expected = self.base(tokens).astype(mx.float32)
         got = self(tokens).astype(mx.float32)

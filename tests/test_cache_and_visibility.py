@@ -101,13 +101,15 @@ def test_stream_visibility(family):
     assert float(mx.abs(streams4[:, 4, 1:] - streams[:, 4, 1:]).max()) > 1e-3
 
 
-def test_tree_step_matches_sequential_recomputation():
-    """Every tree node's main logits equal a plain pass over its own root-to-node path."""
-    model = _model("llama")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tree_step_matches_sequential_recomputation(family):
+    """Every tree node's main and stream logits equal a plain (reference) pass over its own
+    root-to-node path (gemma3, smollm3: the prefix plus the tree reaches past their window of 8)."""
+    model = _model(family)
     from mlx_specstream.streams import tree_plan
     from mlx_specstream.tree import parse_tree_spec
 
-    prefix = [11, 22, 33, 44]
+    prefix = [11, 22, 33, 44, 55, 66, 77, 88, 99]
     tree = parse_tree_spec("2,2")
     nodes = mx.array([7, 8, 9, 10, 11, 12, 13], dtype=mx.int32)  # root + 2 + 4 drafts
     cache = make_cache(model.num_layers)
@@ -120,3 +122,8 @@ def test_tree_step_matches_sequential_recomputation():
         path = [int(nodes[j]) for j in paths[i, : tree.depth[i] + 1]]
         ref = model(mx.array([prefix + path]))[0, -1]
         np.testing.assert_allclose(np.array(out.logits[i]), np.array(ref), atol=1e-4)
+        # the node's streams (the first g = tree depth of them run) equal the reference pass's
+        g = out.stream_hidden.shape[1]
+        ref_streams = model.all_logits(mx.array([prefix + path]))[1][0, -1, :g]
+        np.testing.assert_allclose(np.array(model.stream_logits(out.stream_hidden[i])), np.array(ref_streams),
+                                   atol=1e-4)

@@ -92,18 +92,33 @@ def test_family_check_refuses_a_forward_it_cannot_reproduce():
         model.check_family()
 
 
-def test_a_family_with_recurrent_state_is_refused_with_the_reason():
+def test_a_family_with_recurrent_state_decodes_plainly_and_says_why_it_cannot_speculate():
     from mlx_lm.models import mamba
+
+    from mlx_specstream.streams import SpecStreamModel
 
     args = mamba.ModelArgs(model_type="mamba", vocab_size=64, hidden_size=32, intermediate_size=64, state_size=8,
                            num_hidden_layers=2, conv_kernel=4, use_bias=False, use_conv_bias=True, time_step_rank=4)
-    with pytest.raises(UnsupportedFamily, match="MambaCache|ArraysCache|recurrent"):
-        from mlx_specstream.streams import SpecStreamModel
-
-        SpecStreamModel(mamba.Model(args), None)
+    mx.random.seed(0)
+    base = mamba.Model(args)
+    model = SpecStreamModel(base, None)
+    assert "MambaCache" in model.family.plain_only or "ArraysCache" in model.family.plain_only
+    prompt = mx.array([5, 9, 2, 7], dtype=mx.int32)
+    ours = [t for s in generate_step(model, prompt, max_tokens=30) for t in s.tokens]
+    theirs = [int(t) for t, _ in mlx_lm_generate_step(prompt, base, max_tokens=30, sampler=lambda x: mx.argmax(x, -1))]
+    assert ours == theirs and len(ours) == 30
+    with pytest.raises(ValueError, match="cannot verify drafts.*mamba"):
+        next(generate_step(model, prompt, max_tokens=5, speculate=True))
+    with pytest.raises(UnsupportedFamily, match="cannot carry speculative streams"):
+        SpecStreamModel(base, SpecStreamConfig(num_streams=2, num_msa_layers=1))
 
 
 def test_prompt_beyond_the_context_names_both_numbers():
     model = random_model(tiny_config("llama", max_position_embeddings=64), None, seed=0)
     with pytest.raises(ValueError, match=r"Prompt \(60 tokens\) \+ max_tokens \(10\) exceeds the model's context of 64"):
         next(generate_step(model, mx.array(list(range(60)), dtype=mx.int32), max_tokens=10))
+    with pytest.warns(UserWarning, match="first 7 tokens were dropped"):
+        steps = list(generate_step(model, mx.array(list(range(60)), dtype=mx.int32), max_tokens=10,
+                                   truncate_prompt=True))
+    kept = [t for s in generate_step(model, mx.array(list(range(7, 60)), dtype=mx.int32), max_tokens=10) for t in s.tokens]
+    assert [t for s in steps for t in s.tokens] == kept

@@ -68,3 +68,23 @@ def test_stream_generate_reports_the_cached_prompt_tokens(tmp_path):
     assert last.cached_prompt_tokens == 0
     again = list(stream_generate(model, tok, ids + [65, 66], max_tokens=8, prompt_cache=cache))[-1]
     assert again.cached_prompt_tokens == len(ids) and again.prompt_tokens == len(ids) + 2
+
+
+def test_a_chat_second_turn_prefills_only_the_new_tokens(tmp_path):
+    """As `specstream chat` runs it: one prompt cache for the conversation."""
+    from mlx_specstream import load
+    from mlx_specstream.cli.chat import ChatSession
+    from mlx_specstream.testing import write_tiny_model_dir
+
+    model, tok = load(write_tiny_model_dir(tmp_path / "m", "llama", spec=SPEC))
+    cache = make_prompt_cache(model)
+    session = ChatSession(tok, lambda ids, **p: stream_generate(model, tok, ids, prompt_cache=cache, **p),
+                          context=4096, max_tokens=12)
+    first_ids, _ = session.fit("hello")
+    list(session.reply("hello"))
+    assert session.last.cached_prompt_tokens == 0
+    second_ids, _ = session.fit("and again")
+    list(session.reply("and again"))
+    shared = next(i for i, (a, b) in enumerate(zip(first_ids + [None], second_ids)) if a != b)
+    assert session.last.cached_prompt_tokens >= shared  # the whole first prompt, and some of the reply
+    assert session.last.prompt_tokens - session.last.cached_prompt_tokens < len(second_ids) - len(first_ids) + 1
