@@ -31,6 +31,7 @@ COMMANDS = [
     ("generate", "generate", "generate"),
     ("chat", "chat", "chat"),
     ("convert", "convert", "convert"),
+    ("distill", "distill", "distill"),
     ("train", "train", "train"),
     ("export", "export", "export"),
     ("bench", "bench", "bench"),
@@ -75,6 +76,9 @@ def wants_fast_blas(args: list[str]) -> bool:
     if not args or {"-h", "--help", "--version"} & set(args):  # help needs no fast BLAS
         return False
     command = next((a for a in args if not a.startswith("-")), None)
+    if command == "distill" and "torch" in ({v for k, v in zip(args, args[1:]) if k == "--backend"}
+                                            | {a[len("--backend="):] for a in args if a.startswith("--backend=")}):
+        return False  # `distill --backend torch` runs PyTorch, as train does
     return command not in NO_PRELOAD_COMMANDS
 
 

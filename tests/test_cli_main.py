@@ -16,7 +16,7 @@ from mlx_specstream.cli import common
 from mlx_specstream.cli.main import COMMANDS, app, main, wants_fast_blas
 from mlx_specstream.device import describe_device
 
-EXPECTED = {"generate", "chat", "convert", "train", "export", "bench", "tune", "serve", "doctor"}
+EXPECTED = {"generate", "chat", "convert", "distill", "train", "export", "bench", "tune", "serve", "doctor"}
 # Every command that takes one of these concepts must spell it this way.
 SHARED = {"--model", "--max-tokens", "--temp", "--top-p", "--seed", "--tree", "--json"}
 FORBIDDEN = {"--temperature", "--max_tokens", "--max-new-tokens", "--model-path", "--model-dir", "--top_p",
