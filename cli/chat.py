@@ -57,11 +57,14 @@ class ChatSession:
         context: int,
         max_tokens: int,
         system: Optional[str] = None,
+        template: Optional[str] = None,
         **params: Any,
     ):
-        if not getattr(tokenizer, "has_chat_template", True):
+        """``template``: the model's prompt template, used on the last user turn alone when the
+        tokenizer has no chat template (a task model)."""
+        if not getattr(tokenizer, "has_chat_template", True) and template is None:
             raise ValueError(
-                "This model's tokenizer has no chat template, so chat cannot format turns; "
+                "This model has neither a chat template nor a prompt template, so chat cannot format turns; "
                 "use `specstream generate` instead, or add a chat_template to tokenizer_config.json."
             )
         if max_tokens >= context:
@@ -74,6 +77,7 @@ class ChatSession:
         self.context = context
         self.max_tokens = max_tokens
         self.system = system
+        self.template = template
         self.params = params
         self.history: list[dict[str, str]] = []
         self.last: Any = None
@@ -87,7 +91,9 @@ class ChatSession:
         return head + turns
 
     def encode(self, turns: list[dict[str, str]]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(self.messages(turns), add_generation_prompt=True))
+        from mlx_specstream.generate import encode_prompt
+
+        return encode_prompt(self.tokenizer, self.messages(turns), self.template)
 
     def fit(self, user_text: str) -> tuple[list[int], int]:
         """Prompt ids for the history plus ``user_text``, dropping the oldest turns so that the
@@ -226,8 +232,11 @@ def chat(
     def generate_fn(prompt_ids: list[int], **params: Any) -> Iterator[Any]:
         return stream_generate(mdl, tokenizer, prompt_ids, prompt_cache=prompt_cache, **params)
 
+    from mlx_specstream.prompting import prompt_template
+
     session = ChatSession(
         tokenizer, generate_fn, context=context_length(mdl), max_tokens=max_tokens, system=system,
+        template=prompt_template(getattr(mdl, "config", None) or {}),
         temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, tree=tree, speculate=speculate,
     )
     try:

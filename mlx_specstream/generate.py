@@ -16,6 +16,7 @@ import mlx.core as mx
 from .cache import make_cache, reserve_all
 from .compiled import step_function
 from .device import describe_device
+from .prompting import prompt_template
 from .sampling import SamplingParams, make_sampler
 from .streams import AR_PLAN, SpecStreamModel, chain_plan, prefill_plan, tree_plan
 from .tree import Tree, TreeSpec, parse_tree_spec
@@ -354,21 +355,39 @@ class GenerationResponse:
     cached_prompt_tokens: int = 0  # prompt tokens found in the prompt cache (not prefilled again)
 
 
-def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
-    """Token ids for a string, a list of ids, or chat messages (via the chat template)."""
+def encode_prompt(tokenizer, prompt: Prompt, template: Optional[str] = None) -> list[int]:
+    """Token ids for a string, a list of ids, or chat messages: through the tokenizer's chat
+    template, or, for a model without one, its recorded prompt ``template`` (config.json's
+    ``prompt_template``) around the last user message, with a one-time notice."""
     if isinstance(prompt, str):
         return list(tokenizer.encode(prompt))
     items = list(prompt)
     if items and all(isinstance(m, dict) for m in items):
-        if not getattr(tokenizer, "has_chat_template", False):
+        if getattr(tokenizer, "has_chat_template", False):
+            return list(tokenizer.apply_chat_template(items, add_generation_prompt=True))
+        if template is None:
             raise ValueError(
-                "The prompt is a list of chat messages but this tokenizer has no chat template; "
-                "pass a plain string prompt instead."
+                "The prompt is a list of chat messages but this model has neither a chat template nor a "
+                "prompt template; pass a plain string prompt instead."
             )
-        return list(tokenizer.apply_chat_template(items, add_generation_prompt=True))
+        return list(tokenizer.encode(template.replace("{input}", last_user_message(items))))
     if all(isinstance(t, int) for t in items):
         return items
     raise ValueError("prompt must be a string, a list of token ids, or a list of chat messages.")
+
+
+def last_user_message(messages: Sequence[dict]) -> str:
+    """The content of the last user message, for a model without a chat template (a task model
+    answers one input; earlier turns have no place in its prompt template), with a notice."""
+    users = [m for m in messages if m.get("role") == "user"]
+    if not users:
+        raise ValueError("The chat messages have no user message to answer.")
+    warnings.warn(
+        "This model has no chat template: chat messages are answered from the last user message "
+        "alone, formatted with the model's prompt template.",
+        stacklevel=3,
+    )
+    return str(users[-1].get("content", ""))
 
 
 def stream_generate(
@@ -396,7 +415,7 @@ def stream_generate(
     generations for the prompt's cached prefix (a chat's earlier turns)."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}.")
-    ids = encode_prompt(tokenizer, prompt)
+    ids = encode_prompt(tokenizer, prompt, prompt_template(getattr(model, "config", None) or {}))
     if not ids:
         raise ValueError("The prompt encodes to no tokens; give a non-empty prompt.")
     if seed is not None:

@@ -503,6 +503,7 @@ def create_server(
 def server_for_model(model: Any, tokenizer: Any, model_id: str, **kwargs: Any) -> SpecStreamServer:
     """:func:`create_server` for a loaded model: ``mlx_specstream.stream_generate`` behind it."""
     from .generate import encode_prompt, make_prompt_cache, stream_generate
+    from .prompting import format_prompt, prompt_template
 
     # one generation at a time (one worker), so consecutive requests share one prompt cache:
     # a request that starts like the last one (a system prompt, a conversation) prefills the rest
@@ -511,8 +512,15 @@ def server_for_model(model: Any, tokenizer: Any, model_id: str, **kwargs: Any) -
     def generate_fn(prompt_ids: list[int], **params: Any) -> Iterator[Any]:
         return stream_generate(model, tokenizer, prompt_ids, prompt_cache=prompt_cache, **params)
 
+    template = prompt_template(getattr(model, "config", None) or {})
+
     def encode_fn(prompt: Any) -> list[int]:
-        return encode_prompt(tokenizer, prompt)
+        # a text prompt is treated as `specstream generate --prompt` treats it: inside the
+        # model's prompt template (token ids are taken as they are); chat messages go through
+        # the chat template, or the prompt template around the last user message
+        if isinstance(prompt, str):
+            return encode_prompt(tokenizer, format_prompt(model, prompt))
+        return encode_prompt(tokenizer, prompt, template)
 
     import mlx.core as mx
 

@@ -100,8 +100,25 @@ def test_reset_stats_and_settings_checks():
         session(context=10, max_tokens=10)
     tok = FakeTokenizer()
     tok.has_chat_template = False
-    with pytest.raises(ValueError, match="no chat template"):
+    with pytest.raises(ValueError, match="neither a chat template nor a prompt template"):
         ChatSession(tok, fake_generate()[0], context=100, max_tokens=10)
+
+
+def test_a_task_model_without_chat_template_chats_through_its_prompt_template(tmp_path):
+    """The bundled demo has a prompt template and no chat template: each turn's input is
+    formatted like `generate --prompt` formats it, with a one-time notice."""
+    from mlx_specstream import load, stream_generate
+    from mlx_specstream.prompting import format_prompt
+
+    model, tok = load()
+    assert not tok.has_chat_template
+    session = ChatSession(tok, lambda ids, **p: stream_generate(model, tok, ids, **p), context=512, max_tokens=40,
+                          template=model.config["prompt_template"])
+    mr = "name[The Eagle], eatType[coffee shop], food[French]"
+    with pytest.warns(UserWarning, match="no chat template"):
+        text = "".join(r.text for r in session.reply(mr))
+    expected = "".join(r.text for r in stream_generate(model, tok, format_prompt(model, mr), max_tokens=40))
+    assert text == expected and "Eagle" in text
 
 
 def test_repl_commands_and_interrupted_reply():

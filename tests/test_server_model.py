@@ -150,3 +150,28 @@ def test_serve_command_end_to_end(model_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_the_demo_answers_chat_and_completions_through_its_prompt_template():
+    """The bundled demo has no chat template: a chat request is answered from its last user
+    message inside the model's prompt template, and /v1/completions formats a text prompt the
+    way `specstream generate --prompt` does."""
+    from mlx_specstream.prompting import format_prompt
+
+    model, tokenizer = ms.load()
+    mr = "name[The Eagle], eatType[coffee shop], food[French], area[riverside]"
+    expected = ms.generate(model, tokenizer, format_prompt(model, mr), max_tokens=40)
+    assert "Eagle" in expected
+    srv = server_for_model(model, tokenizer, "demo", port=0, queue_size=2, default_max_tokens=40)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+        chat = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": mr}])
+        assert chat.choices[0].message.content == expected
+        text = client.completions.create(model="demo", prompt=mr, max_tokens=40).choices[0].text
+        assert text == expected
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(5)
