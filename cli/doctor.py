@@ -33,6 +33,31 @@ def _backend(mx: Any) -> dict[str, Any]:
         "metal": metal,
         "cuda": cuda,
         "backend": "metal" if metal else "cuda" if cuda else "cpu",
+        "gpu": gpu_info(mx) if metal or cuda else None,
+    }
+
+
+GIB = 1 << 30
+
+
+def gpu_info(mx: Any) -> dict[str, Any]:
+    """The GPU MLX decodes on: name, memory and, on Apple silicon, the working set Metal
+    recommends (a model larger than it pages: mlx-lm raises the wired limit towards it)."""
+    query = getattr(mx, "device_info", None) or getattr(getattr(mx, "metal", None), "device_info", None)
+    try:
+        info = dict(query()) if query is not None else {}
+    except (RuntimeError, ValueError, TypeError):
+        info = {}
+
+    def gib(key: str) -> Optional[float]:
+        value = info.get(key)
+        return round(value / GIB, 1) if isinstance(value, (int, float)) and value else None
+
+    return {
+        "name": info.get("device_name"),
+        "architecture": info.get("architecture"),
+        "memory_gb": gib("memory_size") or gib("total_memory"),
+        "recommended_working_set_gb": gib("max_recommended_working_set_size"),
     }
 
 
@@ -127,6 +152,8 @@ def advice(report: dict[str, Any], info: Any) -> list[str]:
     tips = []
     if sys.platform == "darwin" and not report["metal"]:
         tips.append("MLX does not see a Metal GPU: use an Apple Silicon Mac and the native arm64 Python.")
+    if report["backend"] != "cpu":
+        return tips  # decoding runs on the GPU: the CPU's BLAS does not matter
     if sys.platform.startswith("linux") and info.mlx_reference_blas and not info.fast:
         if report["blas"]["opt_out"]:
             tips.append(
@@ -186,6 +213,14 @@ def doctor(
         ("versions", ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)),
         ("back-end", f"{report['backend']} (default device {report['default_device']}; "
                      f"tuning records it as {report['device']!r})"),
+    ]
+    if report["gpu"]:
+        g = report["gpu"]
+        text = f"{g['name'] or 'unknown'}" + (f", {g['memory_gb']} GB" if g["memory_gb"] else "")
+        if g["recommended_working_set_gb"]:
+            text += f", recommended working set {g['recommended_working_set_gb']} GB"
+        lines.append(("GPU", text))
+    lines += [
         ("BLAS", f"{b['kind']}{how}: {b['library'] or 'not found'}"
                  + (f", {_timeout_text(b['openblas_thread_timeout'])}" if b["kind"] == "openblas" else "")),
         ("system OpenBLAS", b["system_openblas"] or "none found"),

@@ -266,3 +266,19 @@ def test_blas_info_in_this_process_names_the_library():
     info = blas.blas_info()
     assert info.provider and os.path.exists(info.provider)
     assert info.kind in ("openblas", "mkl", "reference")
+
+
+def test_doctor_describes_the_gpu_and_gives_no_blas_advice_for_it():
+    from mlx_specstream.cli import doctor as doctor_cli
+
+    class AppleGpu:
+        @staticmethod
+        def device_info():
+            return {"device_name": "Apple M2 Pro", "architecture": "applegpu_g14s", "memory_size": 32 << 30,
+                    "max_recommended_working_set_size": int(22.9 * (1 << 30))}
+
+    assert doctor_cli.gpu_info(AppleGpu()) == {
+        "name": "Apple M2 Pro", "architecture": "applegpu_g14s", "memory_gb": 32.0, "recommended_working_set_gb": 22.9,
+    }
+    # decoding on a GPU: the CPU's BLAS is not worth a tip (info is never read)
+    assert doctor_cli.advice({"metal": True, "backend": "metal"}, info=None) == []
