@@ -18,7 +18,7 @@ from .compiled import step_function
 from .device import describe_device
 from .prompting import prompt_template
 from .sampling import SamplingParams, make_sampler
-from .streams import AR_PLAN, SpecStreamModel, chain_plan, prefill_plan, tree_plan
+from .streams import AR_PLAN, Plan, SpecStreamModel, chain_plan, prefill_plan, tree_plan
 from .tree import Tree, TreeSpec, parse_tree_spec
 from .verify import draft
 
@@ -154,7 +154,7 @@ def generate_step(
     ``compile``: run decoding steps as compiled graphs (:mod:`.compiled`; the same
     arithmetic, far fewer launches); False runs them eagerly. Pruning always runs eagerly
     (the pruned tree's shape changes every step). ``pipeline``: launch each step before the
-    previous one's tokens are read (see :func:`_decode_steps`; AR and tree steps). The
+    previous one's tokens are read (see :func:`_decode`; AR and tree steps). The
     default (None) pipelines AR steps only: measured on a 2-core CPU, pipelined tree steps
     decoded ~9% slower (the next step's launch competes with the current step's BLAS
     threads), pipelined AR steps 1-3% faster (BENCHMARKS.md, examples/perf/pipeline.py).
@@ -206,10 +206,11 @@ def generate_step(
         cache.extend(layers_cache)
     cache = layers_cache
 
+    run = _Run(model, cache, plan if use_streams else AR_PLAN, use_streams, sampling, max_tokens, prune_threshold,
+               drafter, compile, pipeline)
     emitted: list[int] = []
     try:
-        yield from _generate_steps(model, prompt[start:], cache, plan, use_streams, sampling, max_tokens,
-                                   prune_threshold, drafter, ids, compile, pipeline, prefill_step_size, emitted)
+        yield from _generate_steps(run, prompt[start:], ids, prefill_step_size, emitted)
     finally:
         if prompt_cache is not None:  # what the cache holds, however the generation ended
             prompt_cache.tokens = (ids + emitted)[: int(cache[0].offset)]
@@ -235,10 +236,27 @@ def _plain_only_steps(model, prompt, max_tokens, sampling, speculate, tree, draf
         yield Step([int(token)], 0, prefill=i == 0)
 
 
-def _generate_steps(model, rest, cache, plan, use_streams, sampling, max_tokens, prune_threshold,
-                    drafter, ids, compile, pipeline, prefill_step_size, emitted) -> Iterator[Step]:
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """One generation's settings, as :func:`generate_step` resolved them."""
+
+    model: SpecStreamModel
+    cache: list
+    plan: Plan  # the draft tree's (AR_PLAN without streams)
+    use_streams: bool
+    sampling: SamplingParams
+    max_tokens: int
+    prune_threshold: Optional[float]
+    drafter: Any
+    compile: bool
+    pipeline: Optional[bool]
+
+
+def _generate_steps(run: _Run, rest: mx.array, ids: list[int], prefill_step_size: int,
+                    emitted: list[int]) -> Iterator[Step]:
     """Prefill ``rest`` (the prompt past its cached prefix) in chunks, then decode; every
     emitted token is appended to ``emitted``."""
+    model, cache, plan = run.model, run.cache, run.plan
     for start in range(0, rest.size - prefill_step_size, prefill_step_size):  # all chunks but the last
         chunk = rest[start : start + prefill_step_size]
         model.forward(chunk[None], cache, prefill_plan(chunk.size, 0), streams=False)
@@ -246,21 +264,18 @@ def _generate_steps(model, rest, cache, plan, use_streams, sampling, max_tokens,
         for c in cache:
             c.commit(None, chunk.size)
     last = rest[(rest.size - 1) // prefill_step_size * prefill_step_size :]
-    sampler = make_sampler(sampling)
-    out = model.forward(last[None], cache, prefill_plan(last.size, plan.num_streams if use_streams else 0), use_streams)
-    root = sampler(out.logits[-1:])
-    drafts = draft(model, out.stream_hidden[-1], plan) if use_streams else None
+    out = model.forward(last[None], cache, prefill_plan(last.size, plan.num_streams), run.use_streams)
+    root = make_sampler(run.sampling)(out.logits[-1:])
+    drafts = draft(model, out.stream_hidden[-1], plan) if run.use_streams else None
     mx.eval(root, drafts) if drafts is not None else mx.eval(root)
     for c in cache:
         c.commit(None, last.size)
-    for step in _decode(model, cache, plan, use_streams, root, drafts, sampling, max_tokens, prune_threshold,
-                        drafter, ids, compile, pipeline):
+    for step in _decode(run, root, drafts, ids):
         emitted.extend(step.tokens)
         yield step
 
 
-def _decode(model, cache, plan, use_streams, root, drafts, sampling, max_tokens, prune_threshold, drafter,
-            ids, compile, pipeline) -> Iterator[Step]:
+def _decode(run: _Run, root: mx.array, drafts: Optional[mx.array], ids: list[int]) -> Iterator[Step]:
     """The decoding loop, one for every step kind (:mod:`.compiled`): plain, tree (pruned or
     not) and an external drafter's chains. It alone moves the caches' offset, by the accepted
     depth + 1 of each step it reads.
@@ -272,18 +287,18 @@ def _decode(model, cache, plan, use_streams, root, drafts, sampling, max_tokens,
     :func:`generate_step`). A drafter's next chain depends on the tokens just read, so its
     steps are never pipelined.
     """
+    model, cache, plan, drafter, max_tokens = run.model, run.cache, run.plan, run.drafter, run.max_tokens
     yield Step([root.item()], 0, prefill=True)
     if max_tokens <= 1:
         return
     if drafter is not None:
         kind, tokens = None, root  # the kind follows each chain's length
-    elif not use_streams:
-        kind, tokens, plan = "ar", root, AR_PLAN
+    elif not run.use_streams:
+        kind, tokens = "ar", root
     else:
-        kind, tokens = ("pruned" if prune_threshold and model.has_pruning else "tree"), mx.concatenate([root, drafts])
-    if pipeline is None:
-        pipeline = kind == "ar"
-    pipeline = pipeline and kind in ("ar", "tree")
+        kind = "pruned" if run.prune_threshold and model.has_pruning else "tree"
+        tokens = mx.concatenate([root, drafts])
+    pipeline = (kind == "ar" if run.pipeline is None else run.pipeline) and kind in ("ar", "tree")
     history = ids + [root.item()]
     offset = cache[0].offset
     emitted = 1
@@ -296,7 +311,7 @@ def _decode(model, cache, plan, use_streams, root, drafts, sampling, max_tokens,
             tokens = mx.array(history[-1:] + step_drafts, dtype=mx.int32)
         new = step_plan.msa_mask.shape[0] if step_kind in ("tree", "pruned") else step_plan.n_main
         reserve_all(cache, bound + new)
-        fn = step_function(model, step_kind, step_plan, sampling, compile, prune_threshold)
+        fn = step_function(model, step_kind, step_plan, run.sampling, run.compile, run.prune_threshold)
         depth, path, bonus, nxt, next_offset, keys, values = fn(
             tokens, dev_offset, [c.keys for c in cache], [c.values for c in cache])
         for c, k, v in zip(cache, keys, values):
