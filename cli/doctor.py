@@ -173,7 +173,7 @@ def advice(report: dict[str, Any], info: Any) -> list[str]:
     elif (report["blas"]["kind"] == "openblas" and info.recommended and info.recommended[0] == "mkl"
           and report["blas"]["preloaded_by"] == "LD_PRELOAD"):
         tips.append(
-            "MKL is installed and decodes faster than OpenBLAS on Intel CPUs (BENCHMARKS.md, \"MKL on an Intel host\"): "
+            "MKL is installed and decodes faster than OpenBLAS on Intel CPUs (docs/linux-cpu.md): "
             f"run `{blas.preload_command(info.recommended[1])}` instead (the specstream command picks it by itself)."
         )
     if (sys.platform.startswith("linux") and info.cpu_vendor == "GenuineIntel" and info.system_mkl is None

@@ -9,14 +9,14 @@ and tree verification becomes cheap.
 Which one: ``SPECSTREAM_BLAS`` = ``auto`` (default), ``mkl``, ``openblas`` or ``blis``. ``auto``
 takes MKL on Intel CPUs when it is installed (``pip install mkl``, or the ``mkl`` extra of this
 package): on a 2-core Intel Xeon VM it made plain decoding of the demo 28% faster than OpenBLAS
-and speculative decoding 40% faster, its few-row products gaining the most (BENCHMARKS.md, "MKL
+and speculative decoding 40% faster, its few-row products gaining the most (docs/lab/2026-12-blas.md, "MKL
 on an Intel host"); elsewhere OpenBLAS (on an AMD EPYC VM MKL decoded 9-25% slower than
-OpenBLAS: "A slower AMD EPYC host"), then MKL if it is the only one found. With MKL, keep MLX
+OpenBLAS: docs/lab/2026-12-cpu-hosts.md), then MKL if it is the only one found. With MKL, keep MLX
 on one stream: a second thread calling MKL slowed every later product in the process ("MKL on
 an Intel host"). ``blis`` (Debian's ``libblis4-pthread``, one thread) is never picked by
 ``auto``: on the AMD EPYC VMs it decoded 31-60% faster than OpenBLAS without speculation and
 at the same speed with it, but its single thread halves the speed of large products (long
-prompts) against OpenBLAS's two ("Which BLAS").
+prompts) against OpenBLAS's two (docs/lab/2026-12-blas.md, "Which BLAS").
 
 The preload has to be in the environment before the process starts, so:
 
@@ -25,14 +25,14 @@ The preload has to be in the environment before the process starts, so:
 * library users get one warning with the exact command to run (:func:`warn_if_slow_blas`).
 
 A BLAS the user preloads themselves (OpenBLAS, BLIS, MKL, ...) is left alone: on some hosts
-BLIS runs MLX's 1-row products faster than OpenBLAS (BENCHMARKS.md, "Which BLAS").
+BLIS runs MLX's 1-row products faster than OpenBLAS (docs/linux-cpu.md).
 
 OpenBLAS's worker threads keep spinning (``sched_yield``) for 2^28 CPU cycles, ~0.1 s, after
 each multi-threaded product before they sleep. On a small machine that spinner takes a core
 from MLX's own threads: after a prompt's prefill it slowed the plain decoding that followed by
 ~20% on a 2-core VM. The re-exec and :func:`preload_command` therefore also set
 ``OPENBLAS_THREAD_TIMEOUT=23`` (2^23 cycles, a few ms: long enough to stay awake between the
-products of one decoding step), unless the user set it (BENCHMARKS.md, "OpenBLAS's spinning
+products of one decoding step), unless the user set it (docs/lab/2026-12-blas.md, "OpenBLAS's spinning
 threads").
 
 Nothing here imports MLX at module import time: the re-exec check runs before MLX is loaded.

@@ -537,7 +537,7 @@ def _warm_up(generate_fn: GenerateFn, tokenizer: Any) -> None:
     set-up (compiled steps, buffers) stays out of its latency.
 
     Only that thread runs matmuls. With MKL, a warm-up on the loading thread made it a second
-    thread calling BLAS, and every later generation ran at half speed (BENCHMARKS.md, "MKL on
+    thread calling BLAS, and every later generation ran at half speed (docs/lab/2026-12-blas.md, "MKL on
     an Intel host"). MLX streams are per thread, so the loading thread evaluates the model's
     parameters instead (:func:`server_for_model`): nothing lazy from it is left here.
     """

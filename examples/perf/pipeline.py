@@ -47,22 +47,8 @@ def generation(model, prompt: mx.array, eos: set[int], max_tokens: int, **kwargs
     return tokens[: end + 1], elapsed
 
 
-def switched_runner(model, eos: set[int], max_tokens: int, settings: dict, switch):
-    """``run(name, prompt)`` for settings ``{name: (value, speculate)}``: waits until no product
-    is in flight (a pipelined step may outlive its generation), calls ``switch(value)`` (a
-    process-wide setting such as the BLAS thread count), then runs :func:`generation`."""
-
-    def run(name: str, prompt: mx.array) -> tuple[list[int], float]:
-        value, speculate = settings[name]
-        mx.synchronize()
-        switch(value)
-        return generation(model, prompt, eos, max_tokens, speculate=speculate)
-
-    return run
-
-
 def generation_parser(description: str, num_samples: int, rounds: int) -> argparse.ArgumentParser:
-    """The options of the generation-timing scripts in this folder."""
+    """The options of a generation-timing script: this one, and the BLAS A/Bs of docs/lab/scripts."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", help="model directory (default: the bundled demo)")
     ap.add_argument("--data", default="../shared/data/e2e/devset.csv.gz")

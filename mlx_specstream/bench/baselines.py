@@ -12,7 +12,7 @@ its first verification), each later step one target-model forward pass that emit
 
 mlx-lm's steps run on the stream our own modes run on, not on mlx-lm's own stream: on a CPU a
 stream is a worker thread, and with MKL a second thread calling BLAS slowed every later
-product in the process, ours and mlx-lm's, by ~45% (BENCHMARKS.md, "MKL on an Intel host");
+product in the process, ours and mlx-lm's, by ~45% (docs/lab/2026-12-blas.md, "MKL on an Intel host");
 the device is the same either way.
 """
 

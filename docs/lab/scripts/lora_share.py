@@ -5,16 +5,19 @@ the plain base layers), and times the AR step, the tree step and the tree step w
 LoRA, interleaved call by call; prints the medians.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-        python examples/perf/lora_share.py --model runs/stories260k/lossless_mlx [--tree 1,1] [--calls 400]
+        python docs/lab/scripts/lora_share.py --model runs/stories260k/lossless_mlx [--tree 1,1] [--calls 400]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-from step_cost import step_runner  # this folder's step builder (the script's folder is on sys.path)
+sys.path.append(str(Path(__file__).resolve().parents[3] / "examples" / "perf"))
+from step_cost import step_runner  # noqa: E402 (examples/perf/step_cost.py)
 
 from mlx_specstream import load
 

@@ -6,7 +6,7 @@ BLAS library, re-executes itself with it preloaded, then runs each step kind in 
 shape (rows M, output columns N, depth K), the calls per step, the microseconds per call and
 per step, and the BLAS's share of the step. Debian: ``apt-get install libopenblas0-pthread``.
 
-    python examples/perf/blas_trace.py [--model DIR] [--trees "ar;1,1,1"] [--steps 1000] [--library LIB]
+    python docs/lab/scripts/blas_trace.py [--model DIR] [--trees "ar;1,1,1"] [--steps 1000] [--library LIB]
 """
 
 from __future__ import annotations
@@ -87,4 +87,5 @@ def print_table(tree: str, rows, steps: int, step_us: float, untraced: int) -> N
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
+    sys.path.append(str(Path(__file__).resolve().parents[3] / "examples" / "perf"))  # pipeline.py, step_cost.py
     main()

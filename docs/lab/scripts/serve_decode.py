@@ -6,7 +6,7 @@ tokens of each response's ``usage`` over the decode time its ``decode_tokens_per
 (prefill and HTTP excluded, which dominate end-to-end times on a small model). Start the
 server first, e.g. ``specstream serve --port 8093 &`` (``SPECSTREAM_BLAS=openblas`` to compare):
 
-    python examples/perf/serve_decode.py [--port 8093] [--model-dir DIR] [--data CSV] [--num-samples 60]
+    python docs/lab/scripts/serve_decode.py [--port 8093] [--model-dir DIR] [--data CSV] [--num-samples 60]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mlx_specstream.bench.data import load_bench_data
 from mlx_specstream.config import read_config
 from mlx_specstream.prompting import prompt_template
 
-DEMO = Path(__file__).resolve().parents[2] / "mlx_specstream" / "demo"
+DEMO = Path(__file__).resolve().parents[3] / "mlx_specstream" / "demo"
 
 
 def complete(port: int, model_id: str, prompt: str, max_tokens: int) -> dict:

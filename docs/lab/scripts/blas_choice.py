@@ -11,7 +11,7 @@ per setting (prefill excluded, each generation stops at EOS) after each round, a
 that all six settings gave the same tokens. Debian: ``apt-get install libopenblas0-pthread
 libblis4-pthread``.
 
-    python examples/perf/blas_choice.py [--model DIR] [--data CSV] [--num-samples 40] [--rounds 3] \\
+    python docs/lab/scripts/blas_choice.py [--model DIR] [--data CSV] [--num-samples 40] [--rounds 3] \\
         [--small LIB] [--large LIB]
 """
 
@@ -64,7 +64,7 @@ def reexec_with_shim(name: str = "blas_switch") -> None:
 
 
 def main() -> None:
-    from pipeline import generation_parser  # this folder's helpers (its folder is on sys.path)
+    from pipeline import generation_parser  # examples/perf/pipeline.py (on sys.path, see the end)
 
     ap = generation_parser(__doc__.split("\n\n")[0], num_samples=40, rounds=3)
     ap.add_argument("--small", default=DEFAULT_SMALL, help="library for small products (default: Debian's BLIS)")
@@ -82,6 +82,22 @@ def main() -> None:
     run_settings(args, switch)
 
 
+def switched_runner(model, eos: set[int], max_tokens: int, settings: dict, switch):
+    """``run(name, prompt)`` for settings ``{name: (value, speculate)}``: waits until no product
+    is in flight (a pipelined step may outlive its generation), calls ``switch(value)`` (a
+    process-wide setting such as the BLAS thread count), then runs ``pipeline.generation``."""
+    import mlx.core as mx
+    from pipeline import generation
+
+    def run(name: str, prompt) -> tuple[list[int], float]:
+        value, speculate = settings[name]
+        mx.synchronize()
+        switch(value)
+        return generation(model, prompt, eos, max_tokens, speculate=speculate)
+
+    return run
+
+
 def library_label(path: str) -> str:
     """A short name for a BLAS file: Debian's folder ("openblas-pthread", "blis-pthread"),
     else the file's stem ("libmkl_rt" for ``.venv/lib/libmkl_rt.so.3``)."""
@@ -90,7 +106,7 @@ def library_label(path: str) -> str:
 
 
 def run_settings(args, switch) -> None:
-    from pipeline import encoded_prompts, interleaved_rounds, switched_runner
+    from pipeline import encoded_prompts, interleaved_rounds
 
     from mlx_specstream import load
 
@@ -113,4 +129,5 @@ def run_settings(args, switch) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
+    sys.path.append(str(Path(__file__).resolve().parents[3] / "examples" / "perf"))  # pipeline.py, step_cost.py
     main()

@@ -7,7 +7,7 @@ runs are fused into ``Compiled*`` primitives and everything else (matmuls, resha
 transposes, reductions, gathers) stays one primitive each. On a small model every primitive
 costs a few microseconds of dispatch whatever its size.
 
-    python examples/perf/graph_ops.py [--model DIR] [--trees "ar;1,1,1"] [--context 64]
+    python docs/lab/scripts/graph_ops.py [--model DIR] [--trees "ar;1,1,1"] [--context 64]
 """
 
 from __future__ import annotations
@@ -16,11 +16,14 @@ import argparse
 import collections
 import os
 import re
+import sys
 import tempfile
+from pathlib import Path
 
 import mlx.core as mx
 
-from step_cost import step_outputs  # this folder's step builder (the script's folder is on sys.path)
+sys.path.append(str(Path(__file__).resolve().parents[3] / "examples" / "perf"))
+from step_cost import step_outputs  # noqa: E402 (examples/perf/step_cost.py)
 
 from mlx_specstream import load
 

@@ -11,7 +11,7 @@ script waits ``--gap`` seconds so that the previous generation's spinning thread
 (otherwise one setting's spinner runs into the next setting's generation). Prints decode
 tokens/s per setting after each round and checks that all four settings gave the same tokens.
 
-    python examples/perf/blas_timeout.py [--model DIR] [--data CSV] [--num-samples 40] [--rounds 2] \\
+    python docs/lab/scripts/blas_timeout.py [--model DIR] [--data CSV] [--num-samples 40] [--rounds 2] \\
         [--timeout 23] [--gap 0.2] [--library LIB]
 """
 
@@ -71,7 +71,8 @@ def main() -> None:
 
 
 def run_settings(args, switch) -> None:
-    from pipeline import encoded_prompts, interleaved_rounds, switched_runner
+    from blas_choice import switched_runner
+    from pipeline import encoded_prompts, interleaved_rounds
 
     from mlx_specstream import load
 
@@ -100,4 +101,5 @@ def run_settings(args, switch) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE))
+    sys.path.append(str(Path(__file__).resolve().parents[3] / "examples" / "perf"))  # pipeline.py, step_cost.py
     main()

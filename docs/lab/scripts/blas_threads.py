@@ -9,14 +9,19 @@ per prompt (each prompt starts with the next setting in turn), decode tokens/s p
 be the same tokens in all four settings. Needs OpenBLAS preloaded:
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
-        python examples/perf/blas_threads.py [--model DIR] [--data CSV] [--num-samples 60] [--rounds 3]
+        python docs/lab/scripts/blas_threads.py [--model DIR] [--data CSV] [--num-samples 60] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import ctypes
+import sys
+from pathlib import Path
 
-from pipeline import encoded_prompts, generation_parser, interleaved_rounds, switched_runner  # this folder's helpers
+sys.path.append(str(Path(__file__).resolve().parents[3] / "examples" / "perf"))  # pipeline.py, step_cost.py
+
+from blas_choice import switched_runner  # noqa: E402 (this folder)
+from pipeline import encoded_prompts, generation_parser, interleaved_rounds  # noqa: E402
 
 from mlx_specstream import load
 from mlx_specstream.blas import preload_command
