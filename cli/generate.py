@@ -39,6 +39,8 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
     tree: Optional[str] = typer.Option(None, "--tree", help="Draft tree: per-depth top-k like '4,2,2,1' or JSON paths."),
     speculate: SpeculateOpt = None,
+    lookup: int = typer.Option(
+        0, "--lookup", min=0, help="Draft N tokens per step by prompt lookup instead of the streams (any model)."),
     truncate_prompt: bool = typer.Option(
         False, "--truncate-prompt", help="Drop the prompt's oldest tokens if it does not fit the context."),
     raw: bool = typer.Option(False, "--raw", help="Do not apply the model's prompt template."),
@@ -51,6 +53,7 @@ def generate(
     """
     from mlx_specstream import load, stream_generate
     from mlx_specstream.generate import will_speculate
+    from mlx_specstream.lookup import PromptLookup
     from mlx_specstream.prompting import format_prompt
 
     text = _read_prompt(prompt, prompt_file)
@@ -62,6 +65,7 @@ def generate(
     for resp in stream_generate(
         mdl, tokenizer, text, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
         min_p=min_p, seed=seed, tree=tree, speculate=speculate, truncate_prompt=truncate_prompt,
+        drafter=PromptLookup(lookup) if lookup else None,
     ):
         last = resp
         pieces.append(resp.text)
@@ -85,7 +89,7 @@ def generate(
         tokens_per_step=round(last.tokens_per_step, 4),
         decode_tokens_per_sec=round(last.decode_tokens_per_sec, 3),
         peak_memory_gb=round(last.peak_memory_gb, 4),
-        speculate=will_speculate(mdl, speculate, tree),
+        speculate=bool(lookup) or will_speculate(mdl, speculate, tree),
     )
     if as_json:
         typer.echo(json.dumps(stats))

@@ -37,6 +37,16 @@ def test_json_output_is_one_object_and_lossless(model_dir):
     assert ar["decode_steps"] >= out["decode_steps"]
 
 
+def test_prompt_lookup_on_a_model_without_streams(tmp_path):
+    plain = str(write_tiny_model_dir(tmp_path / "plain", "qwen2", spec=None))
+    prompt = "abcabcabcabcabc"
+    ar = json.loads(run("--model", plain, "--prompt", prompt, "--max-tokens", "30", "--json").stdout)
+    pl = run("--model", plain, "--prompt", prompt, "--max-tokens", "30", "--json", "--lookup", "4")
+    assert pl.returncode == 0, pl.stderr
+    out = json.loads(pl.stdout)
+    assert out["tokens"] == ar["tokens"] and ar["speculate"] is False and out["speculate"] is True
+
+
 def test_streams_text_with_stats_line_and_stdin(model_dir):
     r = run("--model", model_dir, "--prompt", "-", "--max-tokens", "12", stdin="hello")
     assert r.returncode == 0, r.stderr
