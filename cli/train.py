@@ -2,7 +2,8 @@
 
 Thin over :func:`mlx_specstream.train.run_training` (same option names as
 :class:`mlx_specstream.train.TrainArgs`). Needs the ``train`` extra (PyTorch). Runs under
-``torchrun --nproc_per_node N -m mlx_specstream train ...`` for DDP.
+``torchrun --nproc_per_node N -m mlx_specstream train ...`` for DDP. ``--device`` picks the
+device (auto: CUDA, then MPS, then CPU); a device PyTorch cannot use is an error.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def train(
     weight_decay: Annotated[float, typer.Option("--weight-decay", min=0.0)] = 0.0,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Examples per step per process."
                                             )] = 8,
+    grad_accumulation_steps: Annotated[int, typer.Option("--grad-accumulation-steps", min=1,
+                                                         help="Micro-batches per optimizer step (same gradient as "
+                                                         "one batch N times as large).")] = 1,
+    batch_tokens: Annotated[int, typer.Option("--batch-tokens", min=0, help="Fill each micro-batch with "
+                                              "similar-length examples up to this many padded tokens, instead "
+                                              "of --batch-size examples (0: off).")] = 0,
     max_length: Annotated[int, typer.Option("--max-length", min=2, help="Truncate examples to this many tokens."
                                             )] = 512,
     data_format: Annotated[str, typer.Option("--format", help="auto, jsonl, e2e or dialogsum.")] = "auto",
@@ -77,12 +84,22 @@ def train(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads per process.",
                                                    show_default=False)] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cuda, mps or cpu."
+                                        )] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16: frozen weights and the "
+                                       "forward's autocast; trainable weights and optimizer state stay float32."
+                                       )] = "float32",
+    grad_checkpoint: Annotated[bool, typer.Option("--grad-checkpoint", help="Recompute each layer in the "
+                                                  "backward pass: less memory, same gradients.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Fine-tune a model with Speculative Streaming (PyTorch; needs the 'train' extra).
 
     Example: specstream train --model ./opt-125m --data ../shared/data/e2e/trainset.csv.gz
     --mode shared --streams 4 --msa-layers 6 --output ./opt-125m-e2e
+
+    On a GPU: --device cuda --dtype bfloat16 (add --grad-checkpoint and --grad-accumulation-steps
+    for long sequences or big batches).
     """
     if mode not in _MODES:
         raise ValueError(f"--mode must be one of {_MODES}, got {mode!r}.")
@@ -98,7 +115,8 @@ def train(
         max_length=max_length, data_format=data_format, max_examples=max_examples,
         eval_data=str(eval_data) if eval_data else None, eval_examples=eval_examples, eval_every=eval_every,
         save_every=save_every, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume=resume,
-        overwrite=overwrite, seed=seed, num_threads=threads, progress=not quiet,
+        overwrite=overwrite, seed=seed, num_threads=threads, progress=not quiet, device=device, dtype=dtype,
+        grad_accumulation_steps=grad_accumulation_steps, grad_checkpoint=grad_checkpoint, batch_tokens=batch_tokens,
     )
     result = run_training(args)
     if result.output_dir is not None:

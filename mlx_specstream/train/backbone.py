@@ -191,15 +191,44 @@ class Backbone:
 
     def layer_masks(self, allowed: torch.Tensor, positions: torch.Tensor, n_main: int, dtype: torch.dtype,
                     layer_range: range) -> dict[Optional[int], torch.Tensor]:
-        """Backend masks ``{window: mask}`` for the layers in ``layer_range``.
+        """Backend masks ``{window: mask}`` for the layers in ``layer_range``, from a dense mask.
 
-        ``allowed`` is the causal / multi-stream boolean mask ``[B, 1, L, L]``, ``positions``
+        Training no longer builds dense multi-stream masks (:mod:`.attention`); the tests use this
+        for their dense ``[L, L]`` reference. ``allowed`` is a boolean mask ``[B, 1, L, L]``, ``positions``
         the rotary positions ``[B, L]`` of its rows, ``n_main`` how many rows are main tokens.
         Windowed layers AND it with :func:`window_mask`; global layers (key None) use it as is.
         """
         out: dict[Optional[int], torch.Tensor] = {}
         for w in sorted({self.layer_windows[i] for i in layer_range}, key=lambda v: -1 if v is None else v):
             a = allowed if w is None else allowed & window_mask(positions, positions, w, n_main)
+            out[w] = self.attention_mask(a, dtype)
+        return out
+
+    def main_masks(self, valid: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, layer_range: range,
+                   *, causal_only: bool) -> dict[Optional[int], Optional[torch.Tensor]]:
+        """Backend masks ``{window: mask}`` of the main tokens for the layers in ``layer_range``.
+
+        None (sdpa's own causal path, which fused kernels take) where the mask would say no more
+        than causality: with ``causal_only`` (no padding but on the right, which no valid query
+        sees) and no window that any query reaches; else the boolean causal mask of
+        :func:`.layout.main_mask` (padded keys hidden), ANDed with :func:`window_mask`. Eager
+        attention always gets a mask. ``valid`` / ``positions`` ``[B, T]``.
+        """
+        from .layout import main_mask
+
+        T = valid.shape[1]
+        windows = sorted({self.layer_windows[i] for i in layer_range}, key=lambda v: -1 if v is None else v)
+        reach = int(positions.max()) if windows != [None] else 0
+        out: dict[Optional[int], Optional[torch.Tensor]] = {}
+        allowed = None
+        for w in windows:
+            binding = w is not None and reach >= w
+            if causal_only and not binding and self.attn_implementation == "sdpa":
+                out[w] = None
+                continue
+            if allowed is None:
+                allowed = main_mask(valid)
+            a = allowed & window_mask(positions, positions, w, T) if binding else allowed
             out[w] = self.attention_mask(a, dtype)
         return out
 
@@ -215,15 +244,18 @@ class Backbone:
                   pos_emb: PosEmb, positions: torch.Tensor) -> torch.Tensor:
         """One HF decoder layer (a module of :attr:`layers` or its index) on ``x`` ``[B, L, h]``.
 
-        ``mask`` is the backend mask, or a dict ``{window: mask}`` from :meth:`layer_masks`
-        (the layer's window picks one); ``pos_emb`` from :meth:`position_embeddings` (a dict
+        ``mask`` is the backend mask, a dict ``{window: mask}`` from :meth:`layer_masks` /
+        :meth:`main_masks` (the layer's window picks one), or an :class:`.attention.MSAPlan`
+        (told the layer's window); ``pos_emb`` from :meth:`position_embeddings` (a dict
         picks the layer's rotary table).
         """
-        i = self.layer_index(layer) if (isinstance(mask, dict) or isinstance(pos_emb, dict)
-                                        or isinstance(layer, int)) else None
+        per_layer = isinstance(mask, dict) or hasattr(mask, "for_layer")
+        i = self.layer_index(layer) if (per_layer or isinstance(pos_emb, dict) or isinstance(layer, int)) else None
         module = self.layers[i] if i is not None else layer
         if isinstance(mask, dict):
             mask = mask[self.layer_windows[i]]
+        elif hasattr(mask, "for_layer"):  # an attention.MSAPlan
+            mask = mask.for_layer(self.layer_windows[i])
         if isinstance(pos_emb, dict):
             pos_emb = pos_emb[self.rope_keys[i]]
         if pos_emb is None:

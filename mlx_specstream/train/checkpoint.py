@@ -66,15 +66,23 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(checkpoint_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, state: dict[str, Any], *, keep: int = 2) -> Path:
-    """Write ``step-{step}`` atomically, then delete all but the newest ``keep`` checkpoints."""
+                    scheduler: Any, state: dict[str, Any], *, keep: int = 2, scaler: Any = None) -> Path:
+    """Write ``step-{step}`` atomically, then delete all but the newest ``keep`` checkpoints.
+
+    ``scaler`` (float16's loss scaler) is saved when enabled; RNG states cover CPU and CUDA.
+    """
     from safetensors.torch import save_file
 
     final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
     with atomic_directory(final, overwrite=True) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.random.get_rng_state()}, tmp / "optimizer.pt")
+        blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.random.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            blob["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if scaler is not None and scaler.is_enabled():
+            blob["scaler"] = scaler.state_dict()
+        torch.save(blob, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=2, sort_keys=True) + "\n")
     for old in list_checkpoints(checkpoint_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
@@ -82,7 +90,7 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: nn.Module, optimizer
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> dict[str, Any]:
+                    scheduler: Any, *, scaler: Any = None) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns its ``state.json``."""
     from safetensors.torch import load_file
 
@@ -97,6 +105,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     torch.random.set_rng_state(blob["rng"])
+    if "cuda_rng" in blob and torch.cuda.is_available() and len(blob["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    if scaler is not None and "scaler" in blob:
+        scaler.load_state_dict(blob["scaler"])
     return json.loads((path / "state.json").read_text())
 
 

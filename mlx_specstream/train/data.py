@@ -3,8 +3,11 @@
 Each :class:`~mlx_specstream.datasets.Example` becomes ``input_ids`` plus ``labels`` (the
 token id at completion tokens, -100 at prompt tokens). The prompt is tokenized exactly as
 inference will tokenize it (special tokens, i.e. BOS, added); the completion ends with EOS
-so the model learns to stop. Batches group examples of similar length (bucketing), so CPU
-time is not spent on padding.
+so the model learns to stop. Batches group examples of similar length (bucketing), so time
+is not spent on padding; with a token budget (``--batch-tokens``) each batch takes as many
+similar-length examples as fit the budget, so every batch is about equally full (many short
+examples, or a few long ones) and a GPU is neither idle on short batches nor out of memory on
+long ones.
 """
 
 from __future__ import annotations
@@ -89,6 +92,55 @@ def bucketed_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoc
     rng.shuffle(batches)
     usable = len(batches) // world_size * world_size
     return batches[:usable]
+
+
+def token_batches(lengths: Sequence[int], max_tokens: int, *, seed: int, epoch: int,
+                  window: int = 4096) -> list[list[int]]:
+    """One epoch's batches of example indices holding at most ``max_tokens`` padded tokens each.
+
+    Shuffle, sort each window of ``window`` examples by length, cut it greedily into batches
+    whose ``count x longest`` stays within ``max_tokens`` (an example longer than the budget
+    goes alone), shuffle the batches. Deterministic in ``(seed, epoch)``.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        current: list[int] = []
+        for i in sorted(order[start: start + window], key=lambda i: lengths[i]):
+            if current and (len(current) + 1) * lengths[i] > max_tokens:  # sorted: lengths[i] is the longest
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+    rng.shuffle(batches)
+    return batches
+
+
+def epoch_steps(lengths: Sequence[int], *, batch_size: int, seed: int, epoch: int, world_size: int = 1,
+                accumulation: int = 1, batch_tokens: int = 0) -> list[list[list[int]]]:
+    """One epoch as a list of optimizer steps of every rank: entry ``step * world_size + rank``
+    holds that rank's ``accumulation`` micro-batches (lists of example indices).
+
+    With ``batch_tokens`` the micro-batches come from :func:`token_batches`, taken
+    ``accumulation`` at a time. Otherwise each step's examples are one bucketed batch of
+    ``batch_size x accumulation`` (:func:`bucketed_batches`), cut (length-sorted) into
+    ``accumulation`` micro-batches of ``batch_size``: the same examples per step as a run with
+    ``accumulation`` times the batch size, so the two compute the same gradients.
+    """
+    if batch_tokens:
+        micro = token_batches(lengths, batch_tokens, seed=seed, epoch=epoch)
+        per = accumulation * world_size
+        micro = micro[: len(micro) // per * per]
+        return [micro[i: i + accumulation] for i in range(0, len(micro), accumulation)]
+    big = bucketed_batches(lengths, batch_size * accumulation, seed=seed, epoch=epoch, world_size=world_size)
+    out = []
+    for b in big:
+        b = sorted(b, key=lambda i: lengths[i]) if accumulation > 1 else b
+        out.append([b[i: i + batch_size] for i in range(0, len(b), batch_size)])
+    return out
 
 
 def collate(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ from mlx_specstream.datasets import load_dataset
 
 from .loop import FINGERPRINT_KEYS, TrainArgs, load_for_training, spec_for, write_model_dir
 from .modes import merge_for_save
+from .precision import parse_dtype
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, overwrite: bool = False) -> Path:
@@ -51,7 +52,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, overwrite: 
         raise ValueError(f"Checkpoint {ck} does not match the model its arguments describe "
                          f"(e.g. {sorted(set(tensors) ^ own)[:6]}).")
     model.load_state_dict(tensors, strict=False)
-    merge_for_save(model, peft_model)
+    merge_for_save(model, peft_model, dtype=parse_dtype(args.dtype))
     model.eval()
     template = load_dataset(args.data, args.data_format, limit=1).prompt_template
     run_args = dict(dataclasses.asdict(args), prompt_template=template, speculative_streaming=spec.to_dict(),

@@ -15,6 +15,9 @@ Worked example, T = 2, γ = 2 (``m`` main, ``s`` stream; 1 = may attend)::
     s(1,1)    1  1  .   .   1   .
     s(1,2)    1  1  .   .   1   1
 
+:func:`msa_mask` builds this mask densely (``[L, L]``) for tests and documentation; training
+never does: :mod:`.attention` computes the same attention per stream from ``[T]``-sized pieces.
+
 Training may give streams only to positions ``t >= start`` (earlier positions have no
 completion target for any stream); the stream block then lists nodes ``start..T-1`` in the
 same node-major order. Padding (``valid`` False) removes a main key for every query; each query still sees

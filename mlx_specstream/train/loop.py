@@ -5,10 +5,17 @@ mode; config.json with the ``speculative_streaming`` block and ``prompt_template
 ``speculative_streams.safetensors``; tokenizer files) plus ``training_args.json`` and
 ``train_metrics.json`` (per-stream loss and accuracy). Resume checkpoints go to
 ``{output}.checkpoints/`` unless ``checkpoint_dir`` says otherwise.
+
+Scale: one process trains on ``--device`` (:func:`.dist.resolve_device`), or one GPU per rank
+under torchrun; ``--dtype`` holds frozen weights in bfloat16/float16 (:mod:`.precision`);
+a step accumulates ``--grad-accumulation-steps`` micro-batches (:func:`accumulate_gradients`,
+exact); ``--grad-checkpoint`` recomputes layers in backward; ``--batch-tokens`` fills
+micro-batches to a token budget (:func:`.data.token_batches`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,18 +33,21 @@ from mlx_specstream.datasets import FORMATS, PROMPT_TEMPLATE_KEY, load_dataset
 
 from . import checkpoint as ckpt
 from .backbone import check_model_type
-from .data import bucketed_batches, collate, tokenize_all
-from .dist import DistContext
-from .loss import PRUNE_LOSS_WEIGHT, stream_names, summarize
+from .data import collate, epoch_steps, tokenize_all
+from .dist import DEVICES, DistContext
+from .layout import stream_targets
+from .loss import PRUNE_LOSS_WEIGHT, stream_names, summarize, target_counts
 from .modes import build_spec_config, count_parameters, merge_for_save, prepare
 from .model import SpecStreamLM
+from .precision import DTYPES, autocast, grad_scaler, parse_dtype, upcast_trainable
 
 # Arguments that change the result: a resumed run must use the same values.
 FINGERPRINT_KEYS = (
     "model", "data", "data_format", "max_examples", "eval_data", "eval_examples", "mode", "streams",
     "msa_layers", "lora_rank", "lora_alpha", "lora_targets", "stream_init", "stream_init_rank",
     "pruning_rank", "pruning_threshold", "prune_loss_weight", "stream_loss_weight", "epochs", "max_steps",
-    "lr", "warmup_steps", "weight_decay", "batch_size", "max_length", "seed", "grad_clip",
+    "lr", "warmup_steps", "weight_decay", "batch_size", "max_length", "seed", "grad_clip", "dtype",
+    "grad_accumulation_steps", "batch_tokens",
 )
 
 
@@ -67,6 +77,8 @@ class TrainArgs:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_size: int = 8
+    grad_accumulation_steps: int = 1  # micro-batches of batch_size per optimizer step
+    batch_tokens: int = 0  # > 0: micro-batches of similar-length examples up to this many padded tokens
     max_length: int = 512
     data_format: str = "auto"
     max_examples: Optional[int] = None
@@ -81,6 +93,9 @@ class TrainArgs:
     overwrite: bool = False
     seed: int = 0
     num_threads: Optional[int] = None
+    device: str = "auto"  # auto (CUDA, then MPS, then CPU), cuda, mps or cpu
+    dtype: str = "float32"  # frozen weights' dtype and autocast dtype; trainables stay float32
+    grad_checkpoint: bool = False  # recompute each layer in backward (less memory, same gradients)
     progress: bool = True
     log_every: int = 10
 
@@ -93,7 +108,7 @@ class TrainArgs:
                 raise FileNotFoundError(f"Data file not found: {value} (--{name.replace('_', '-')}).")
         if self.data_format not in FORMATS:
             raise ValueError(f"--format must be one of {FORMATS}, got {self.data_format!r}.")
-        for name in ("batch_size", "max_length", "epochs"):
+        for name in ("batch_size", "max_length", "epochs", "grad_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
         if self.streams < 0:
@@ -102,6 +117,12 @@ class TrainArgs:
             raise ValueError("--lora-rank and --pruning-rank must be >= 0.")
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}.")
+        if self.batch_tokens < 0:
+            raise ValueError(f"--batch-tokens must be >= 0, got {self.batch_tokens}.")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
 
 
 @dataclasses.dataclass
@@ -130,6 +151,12 @@ def _fingerprint(args: TrainArgs, world_size: int) -> dict[str, Any]:
     return fp
 
 
+def _fingerprint_diff(current: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """Keys whose values differ; a key a checkpoint predates counts as its default value."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
+    return sorted(k for k in set(current) | set(saved) if current.get(k) != saved.get(k, defaults.get(k)))
+
+
 def _lr_lambda(warmup: int, total: int):
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -140,8 +167,10 @@ def _lr_lambda(warmup: int, total: int):
 
 @torch.no_grad()
 def evaluate(model: SpecStreamLM, examples: list, *, batch_size: int, pad_id: int, device: torch.device,
-             max_batches: Optional[int] = None, prune_loss_weight: float = PRUNE_LOSS_WEIGHT) -> dict[str, float]:
-    """Per-stream ``{name}.loss`` / ``{name}.acc`` over ``examples`` (sorted by length, no shuffling)."""
+             max_batches: Optional[int] = None, prune_loss_weight: float = PRUNE_LOSS_WEIGHT,
+             dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """Per-stream ``{name}.loss`` / ``{name}.acc`` over ``examples`` (sorted by length, no shuffling),
+    the forward under autocast in ``dtype``."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
@@ -151,7 +180,8 @@ def evaluate(model: SpecStreamLM, examples: list, *, batch_size: int, pad_id: in
             break
         batch = {k: v.to(device) for k, v in collate([examples[i] for i in order[start: start + batch_size]],
                                                       pad_id).items()}
-        out = model(**batch, prune_loss_weight=prune_loss_weight)
+        with autocast(device, dtype):
+            out = model(**batch, prune_loss_weight=prune_loss_weight)
         for k, v in out.metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     model.train(was_training)
@@ -205,12 +235,17 @@ def spec_for(args: TrainArgs, hf_config: dict) -> SpecStreamConfig:
 
 
 def load_for_training(args: TrainArgs, spec: SpecStreamConfig):
-    """``args.model`` wrapped for training in ``spec``'s mode: (SpecStreamLM, peft model or None)."""
+    """``args.model`` wrapped for training in ``spec``'s mode: (SpecStreamLM, peft model or None).
+
+    The weights load in ``args.dtype``; trainable parameters are then held in float32.
+    """
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
-    return prepare(hf, spec, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
-                   lora_targets=args.lora_targets, seed=args.seed)
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=parse_dtype(args.dtype), attn_implementation="sdpa")
+    model, peft_model = prepare(hf, spec, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                                lora_targets=args.lora_targets, seed=args.seed)
+    upcast_trainable(model)
+    return model, peft_model
 
 
 def write_model_dir(out_dir: Path, model: SpecStreamLM, tokenizer, prompt_template: str, run_args: dict,
@@ -251,6 +286,43 @@ def warm_start_extras(model: SpecStreamLM, model_dir: str, saved: Optional[SpecS
     return sorted(fit)
 
 
+def accumulate_gradients(run_model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], *,
+                         num_streams: int, pruning: bool, prune_loss_weight: float = PRUNE_LOSS_WEIGHT,
+                         dist: Optional[DistContext] = None, dtype: torch.dtype = torch.float32,
+                         scaler: Optional[Any] = None, grad_checkpoint: bool = False) -> tuple[float, dict[str, float]]:
+    """Forward and backward of one optimizer step's micro-batches; gradients add up in ``.grad``.
+
+    Every loss term is divided by the step's total target count (over micro-batches and DDP
+    ranks), so the accumulated gradient is exactly that of one batch holding them all. DDP
+    averages gradients over ranks, hence the loss is scaled by the world size there, and ranks
+    synchronise only on the last micro-batch. Returns this rank's share of the step's loss and
+    the summed metrics (``{name}.{ce_sum,correct,count}``).
+    """
+    dist = dist or DistContext()
+    device = dist.device
+    totals: dict[str, float] = {}
+    for b in micro_batches:
+        for k, v in target_counts(stream_targets(b["labels"], num_streams), pruning).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    totals = dist.all_reduce_sum(totals)
+    counts = {k: torch.tensor(v, device=device) for k, v in totals.items()}
+    loss_part, metrics = 0.0, {}
+    for m, batch in enumerate(micro_batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        last = m == len(micro_batches) - 1
+        sync = run_model.no_sync() if dist.enabled and not last else contextlib.nullcontext()
+        with sync:
+            with autocast(device, dtype):
+                out = run_model(**batch, prune_loss_weight=prune_loss_weight, loss_counts=counts,
+                                grad_checkpoint=grad_checkpoint)
+            loss = out.loss * dist.world_size if dist.enabled else out.loss
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_part += float(out.loss.detach())
+        for k, v in out.metrics.items():
+            metrics[k] = metrics.get(k, 0.0) + float(v)
+    return loss_part, metrics
+
+
 def run_training(args: TrainArgs) -> TrainResult:
     """Fine-tune ``args.model`` on ``args.data`` and write ``args.output`` (see the module docstring).
 
@@ -259,7 +331,7 @@ def run_training(args: TrainArgs) -> TrainResult:
     leaving every complete checkpoint intact.
     """
     args.validate()
-    dist = DistContext.from_env()
+    dist = DistContext.from_env(args.device)
     try:
         return _run(args, dist)
     finally:
@@ -297,6 +369,7 @@ def _run(args: TrainArgs, dist: DistContext) -> TrainResult:
         print(f"Skipped {dropped} examples whose prompt fills --max-length {args.max_length}.", file=sys.stderr)
 
     torch.manual_seed(args.seed)
+    dtype = parse_dtype(args.dtype)
     model, peft_model = load_for_training(args, spec)
     warm = warm_start_extras(model, args.model, spec_config_from(hf_config))
     if warm and dist.is_main:
@@ -304,13 +377,17 @@ def _run(args: TrainArgs, dist: DistContext) -> TrainResult:
     model.to(dist.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scaler = grad_scaler(dist.device, dtype)
 
     lengths = [len(e.input_ids) for e in train_tok]
-    steps_per_epoch = len(bucketed_batches(lengths, args.batch_size, seed=args.seed, epoch=0,
-                                           world_size=dist.world_size)) // dist.world_size
+    plan_kw = dict(batch_size=args.batch_size, seed=args.seed, world_size=dist.world_size,
+                   accumulation=args.grad_accumulation_steps, batch_tokens=args.batch_tokens)
+    # Token budgets give each epoch its own number of steps: every epoch runs the fewest.
+    counted = range(args.epochs) if args.batch_tokens else range(1)
+    steps_per_epoch = min(len(epoch_steps(lengths, epoch=e, **plan_kw)) for e in counted) // dist.world_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_tok)} examples make no full step for {dist.world_size} rank(s); "
-                         "lower --batch-size or add data.")
+        raise ValueError(f"{len(train_tok)} examples make no full step for {dist.world_size} rank(s) x "
+                         f"{args.grad_accumulation_steps} micro-batch(es); lower --batch-size or add data.")
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps is not None:
         total_steps = min(total_steps, args.max_steps)
@@ -319,11 +396,10 @@ def _run(args: TrainArgs, dist: DistContext) -> TrainResult:
     fingerprint = _fingerprint(args, dist.world_size)
     start_step, history = 0, []
     if resume_from is not None:
-        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler)
-        diff = {k for k in set(fingerprint) | set(state["fingerprint"])
-                if fingerprint.get(k) != state["fingerprint"].get(k)}
+        state = ckpt.load_checkpoint(resume_from, model, optimizer, scheduler, scaler=scaler)
+        diff = _fingerprint_diff(fingerprint, state["fingerprint"])
         if diff:
-            raise ValueError(f"--resume: {sorted(diff)} differ from the checkpoint in {resume_from}; "
+            raise ValueError(f"--resume: {diff} differ from the checkpoint in {resume_from}; "
                              "resume with the original arguments.")
         start_step, history = state["step"], state.get("history", [])
 
@@ -336,7 +412,10 @@ def _run(args: TrainArgs, dist: DistContext) -> TrainResult:
 
     names = stream_names(spec.num_streams, spec.pruning is not None)
     eval_kw = dict(batch_size=args.batch_size, pad_id=pad_id, device=dist.device, max_batches=args.eval_batches,
-                   prune_loss_weight=args.prune_loss_weight)
+                   prune_loss_weight=args.prune_loss_weight, dtype=dtype)
+    step_kw = dict(num_streams=spec.num_streams, pruning=spec.pruning is not None,
+                   prune_loss_weight=args.prune_loss_weight, dist=dist, dtype=dtype, scaler=scaler,
+                   grad_checkpoint=args.grad_checkpoint)
     trainable, total = count_parameters(model)
     if dist.is_main and start_step == 0 and eval_tok:
         history.append({"step": 0, "eval": evaluate(model, eval_tok, **eval_kw)})
@@ -344,39 +423,45 @@ def _run(args: TrainArgs, dist: DistContext) -> TrainResult:
     def save(step: int) -> None:
         if dist.is_main:
             ckpt.save_checkpoint(ck_dir, step, model, optimizer, scheduler,
-                                 {"fingerprint": fingerprint, "history": history}, keep=args.keep_checkpoints)
+                                 {"fingerprint": fingerprint, "history": history}, keep=args.keep_checkpoints,
+                                 scaler=scaler)
         dist.barrier()
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=total_steps, initial=start_step, disable=not (args.progress and dist.is_main),
-               desc=f"train {args.mode} γ={spec.num_streams}", dynamic_ncols=True)
+               desc=f"train {args.mode} γ={spec.num_streams}", unit="step", dynamic_ncols=True)
     window: dict[str, float] = {}
     run_totals: dict[str, float] = {}
     window_tokens, window_start = 0.0, time.perf_counter()
-    epoch_batches: tuple[int, list] = (-1, [])
+    postfix: dict[str, str] = {}
+    epoch_plan: tuple[int, list] = (-1, [])
     step = start_step
     try:
         while step < total_steps:
             epoch, i = divmod(step, steps_per_epoch)
-            if epoch_batches[0] != epoch:
-                epoch_batches = (epoch, bucketed_batches(lengths, args.batch_size, seed=args.seed, epoch=epoch,
-                                                         world_size=dist.world_size))
-            idx = epoch_batches[1][i * dist.world_size + dist.rank]
-            batch = {k: v.to(dist.device) for k, v in collate([train_tok[j] for j in idx], pad_id).items()}
-            step_out = run_model(**batch, prune_loss_weight=args.prune_loss_weight)
+            if epoch_plan[0] != epoch:
+                epoch_plan = (epoch, epoch_steps(lengths, epoch=epoch, **plan_kw))
+            micro = [collate([train_tok[j] for j in idx], pad_id)
+                     for idx in epoch_plan[1][i * dist.world_size + dist.rank]]
             optimizer.zero_grad(set_to_none=True)
-            step_out.loss.backward()
+            loss_part, metrics = accumulate_gradients(run_model, micro, **step_kw)
             if args.grad_clip:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             step += 1
-            for k, v in step_out.metrics.items():
-                window[k] = window.get(k, 0.0) + float(v)
-            window["loss_sum"] = window.get("loss_sum", 0.0) + float(step_out.loss.detach())
-            window["steps"] = window.get("steps", 0.0) + 1
-            window_tokens += float(batch["attention_mask"].sum())
+            for k, v in metrics.items():
+                window[k] = window.get(k, 0.0) + v
+            # Each rank's loss is its share of the step's loss: summed over ranks, one step counted once.
+            window["loss_sum"] = window.get("loss_sum", 0.0) + loss_part
+            window["steps"] = window.get("steps", 0.0) + (1.0 if dist.is_main else 0.0)
+            window_tokens += float(sum(b["attention_mask"].sum() for b in micro))
+            # tqdm shows the ETA; tokens/s (all ranks, estimated from this one) refreshes every step.
+            postfix["tok/s"] = f"{window_tokens * dist.world_size / max(1e-9, time.perf_counter() - window_start):.0f}"
+            bar.set_postfix(postfix, refresh=False)
             bar.update(1)
 
             end_of_epoch = step % steps_per_epoch == 0 or step == total_steps
@@ -386,7 +471,8 @@ def _run(args: TrainArgs, dist: DistContext) -> TrainResult:
                     run_totals[k] = run_totals.get(k, 0.0) + v
                 summary = dict(summarize(reduced), loss=reduced["loss_sum"] / reduced["steps"])
                 tok_s = reduced["tokens"] / max(1e-9, time.perf_counter() - window_start)
-                bar.set_postfix(_postfix(summary, names, tok_s), refresh=False)
+                postfix = _postfix(summary, names, tok_s)
+                bar.set_postfix(postfix, refresh=False)
                 history.append({"step": step, "train": summary, "lr": scheduler.get_last_lr()[0],
                                 "tokens_per_s": tok_s})
                 window, window_tokens, window_start = {}, 0.0, time.perf_counter()
@@ -423,7 +509,7 @@ def _run(args: TrainArgs, dist: DistContext) -> TrainResult:
         "eval_examples": len(eval_tok),
     }
 
-    merge_for_save(model, peft_model)
+    merge_for_save(model, peft_model, dtype=dtype)
     model.eval()
     output_dir = None
     if dist.is_main:

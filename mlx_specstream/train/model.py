@@ -1,9 +1,10 @@
 """``SpecStreamLM``: Speculative Streaming on top of a Hugging Face causal LM (PyTorch).
 
-Runs the HF decoder layers itself: layers ``< s = N - N_s`` on the main tokens with a
-causal mask, then the top ``N_s`` (MSA) layers on main tokens plus γ streams per position
-with the block mask of :func:`.layout.msa_mask`. The same module trains checkpoints and is
-the float32 reference the MLX converter's parity tests compare against.
+Runs the HF decoder layers itself: layers ``< s = N - N_s`` on the main tokens (causal),
+then the top ``N_s`` (MSA) layers on main tokens plus γ streams per position, laid out as
+in :mod:`.layout`; their attention is :mod:`.attention`'s decomposition of the block mask
+of :func:`.layout.msa_mask` (never built: no ``[L, L]`` tensor). The same module trains
+checkpoints and is the float32 reference the MLX converter's parity tests compare against.
 
 Semantics (shared with the MLX runtime, DESIGN.md rules 1-6):
 
@@ -27,12 +28,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from mlx_specstream.config import CONFIG_KEY, EXTRAS_FILE, SpecStreamConfig, read_config, spec_config_from
 
 from . import layout
 from .adapters import LowRankResidual, StreamLoRA
+from .attention import MSAPlan, is_right_padded, msa_layers
 from .backbone import Backbone, check_model_type
 
 EXTRA_PREFIXES = ("stream_embeddings", "stream_init.", "pruning.", "stream_lora.")
@@ -108,24 +111,28 @@ class SpecStreamLM(nn.Module):
     # ---- forward ---------------------------------------------------------------------------
 
     def forward_hidden(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                       position_ids: Optional[torch.Tensor] = None, stream_start: int = 0) -> StreamHidden:
+                       position_ids: Optional[torch.Tensor] = None, stream_start: int = 0,
+                       grad_checkpoint: bool = False) -> StreamHidden:
         """Token ids ``[B, T]`` (+ optional padding mask / positions ``[B, T]``) -> :class:`StreamHidden`.
 
         ``stream_start`` > 0 skips the streams of positions before it (they do not affect
         anything else; training uses it to skip prompt positions without stream targets).
+        ``grad_checkpoint`` recomputes each decoder layer in the backward pass instead of keeping
+        its activations (same values and gradients).
         """
         bb, gamma = self.backbone, self.spec.num_streams
         B, T = input_ids.shape
         valid = (attention_mask.bool() if attention_mask is not None
                  else torch.ones(B, T, dtype=torch.bool, device=input_ids.device))
         pos = position_ids if position_ids is not None else layout.default_positions(valid)
+        causal_only = is_right_padded(valid)
         x = bb.embed(input_ids, pos)
         lower = range(self.msa_start)
-        masks = bb.layer_masks(layout.main_mask(valid), pos, T, x.dtype, lower)
+        masks = bb.main_masks(valid, pos, x.dtype, lower, causal_only=causal_only)
         # Called even with no lower layer: it sets the dynamic/longrope table from the main positions.
         pos_emb = bb.position_embeddings(x, pos)
         for i in lower:
-            x = bb.run_layer(i, x, masks, pos_emb, pos)
+            x = self._layer(i, x, masks, pos_emb, pos, checkpoint=grad_checkpoint)
         M = x
         prune = self.pruning(M.detach()) if hasattr(self, "pruning") else None
         if gamma == 0:
@@ -135,17 +142,36 @@ class SpecStreamLM(nn.Module):
         Ms = M[:, stream_start:]
         f = self.stream_init(Ms) if hasattr(self, "stream_init") else Ms
         S = f[:, :, None, :] + self.stream_embeddings  # [B, n, γ, h]
-        x = torch.cat([M, S.reshape(B, n * gamma, -1)], 1)
+        x = torch.cat([M, S.reshape(B, n * gamma, -1).to(M.dtype)], 1)
         pos_all = layout.msa_positions(pos, gamma, stream_start)
         upper = range(self.msa_start, bb.num_layers)
-        masks = bb.layer_masks(layout.msa_mask(valid, gamma, stream_start), pos_all, T, x.dtype, upper)
+        plan = MSAPlan(n_main=T, num_streams=gamma, start=stream_start, valid=valid, positions=pos,
+                       main_masks=bb.main_masks(valid, pos, x.dtype, upper, causal_only=causal_only),
+                       base_implementation=bb.attn_implementation, causal_only=causal_only,
+                       max_position=int(pos.max()))
         pos_emb = bb.position_embeddings(x, pos_all, frozen=True)
-        lora = getattr(self, "stream_lora", None)
-        with (lora.streams_after(T, x.shape[1]) if lora is not None else contextlib.nullcontext()):
-            for i in upper:
-                x = bb.run_layer(i, x, masks, pos_emb, pos_all)
+        for i in upper:
+            x = self._layer(i, x, plan, pos_emb, pos_all, checkpoint=grad_checkpoint, msa_rows=(T, x.shape[1]))
         return StreamHidden(main=x[:, :T], streams=x[:, T:].reshape(B, n, gamma, -1), prune=prune,
                             stream_start=stream_start)
+
+    def _layer(self, i: int, x: torch.Tensor, mask: Any, pos_emb: Any, positions: torch.Tensor, *,
+               checkpoint: bool, msa_rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Decoder layer ``i`` on ``x``; an MSA layer (``msa_rows`` = (main rows, all rows)) runs
+        with the multi-stream attention and stream-only LoRA active. With ``checkpoint`` the
+        layer is recomputed in backward, contexts included."""
+        def run(h: torch.Tensor) -> torch.Tensor:
+            with contextlib.ExitStack() as stack:
+                if msa_rows is not None:
+                    stack.enter_context(msa_layers(self.hf.config))
+                    lora = getattr(self, "stream_lora", None)
+                    if lora is not None:
+                        stack.enter_context(lora.streams_after(*msa_rows))
+                return self.backbone.run_layer(i, h, mask, pos_emb, positions)
+
+        if checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
+        return run(x)
 
     def head(self, hidden: torch.Tensor, *, detach_weights: bool = False) -> torch.Tensor:
         """Final norm (+ project_out) + LM head: ``[..., h]`` -> ``[..., V]``."""
@@ -153,22 +179,27 @@ class SpecStreamLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                prune_loss_weight: float = 0.1) -> SpecStreamOutput:
+                prune_loss_weight: float = 0.1, loss_counts: Optional[dict[str, torch.Tensor]] = None,
+                grad_checkpoint: bool = False) -> SpecStreamOutput:
         """Logits for ``input_ids`` ``[B, T]``; with ``labels`` ``[B, T]`` the loss instead.
 
         ``labels`` holds the token id at completion tokens and -100 elsewhere (see
         :func:`.layout.stream_targets`); the loss is DESIGN.md rule 10 plus
-        ``prune_loss_weight`` times the pruning adapter's cross-entropy.
+        ``prune_loss_weight`` times the pruning adapter's cross-entropy, each term divided by
+        ``loss_counts[name]`` (the whole step's target counts, when this batch is one of several
+        accumulated micro-batches or DDP ranks) or else by this batch's own counts.
         """
         if labels is not None:
             from .loss import specstream_loss
 
             targets = layout.stream_targets(labels, self.spec.num_streams)
             start = layout.first_stream_target(targets) if self.spec.num_streams else 0
-            hidden = self.forward_hidden(input_ids, attention_mask, position_ids, stream_start=start)
-            loss, metrics = specstream_loss(self, hidden, targets, prune_loss_weight=prune_loss_weight)
+            hidden = self.forward_hidden(input_ids, attention_mask, position_ids, stream_start=start,
+                                         grad_checkpoint=grad_checkpoint)
+            loss, metrics = specstream_loss(self, hidden, targets, prune_loss_weight=prune_loss_weight,
+                                            counts=loss_counts)
             return SpecStreamOutput(loss=loss, metrics=metrics)
-        hidden = self.forward_hidden(input_ids, attention_mask, position_ids)
+        hidden = self.forward_hidden(input_ids, attention_mask, position_ids, grad_checkpoint=grad_checkpoint)
         return SpecStreamOutput(
             main_logits=self.head(hidden.main),
             stream_logits=self.head(hidden.streams) if hidden.streams is not None else None,

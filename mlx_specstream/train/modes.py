@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from mlx_specstream.config import PruningConfig, SpecStreamConfig, StreamLoRAConfig
@@ -76,10 +77,13 @@ def prepare(hf: nn.Module, spec: SpecStreamConfig, *, lora_rank: int, lora_alpha
     return model, peft_model
 
 
-def merge_for_save(model: SpecStreamLM, peft_model: Optional[Any]) -> None:
-    """Fold peft LoRA into the base weights (in place), leaving plain HF modules."""
+def merge_for_save(model: SpecStreamLM, peft_model: Optional[Any], *, dtype: Optional[torch.dtype] = None) -> None:
+    """Fold peft LoRA into the base weights (in place), leaving plain HF modules; with ``dtype``
+    cast the whole model to it (the base's dtype: float32 trainables go back to bfloat16 / float16)."""
     if peft_model is not None:
         peft_model.merge_and_unload()
+    if dtype is not None:
+        model.to(dtype=dtype)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
