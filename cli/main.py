@@ -76,9 +76,12 @@ def wants_fast_blas(args: list[str]) -> bool:
     if not args or {"-h", "--help", "--version"} & set(args):  # help needs no fast BLAS
         return False
     command = next((a for a in args if not a.startswith("-")), None)
-    if command == "distill" and "torch" in ({v for k, v in zip(args, args[1:]) if k == "--backend"}
-                                            | {a[len("--backend="):] for a in args if a.startswith("--backend=")}):
+    backends = ({v for k, v in zip(args, args[1:]) if k == "--backend"}
+                | {a[len("--backend="):] for a in args if a.startswith("--backend=")})
+    if command == "distill" and "torch" in backends:
         return False  # `distill --backend torch` runs PyTorch, as train does
+    if command == "train" and "mlx" in backends:
+        return True  # `train --backend mlx` runs MLX's matmuls
     return command not in NO_PRELOAD_COMMANDS
 
 

@@ -92,6 +92,9 @@ def train(
     grad_checkpoint: Annotated[bool, typer.Option("--grad-checkpoint", help="Recompute each layer in the "
                                                   "backward pass: less memory, same gradients.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="torch (a Hugging Face model directory, PyTorch) or mlx "
+                                         "(any model directory specstream loads, quantized included; in MLX, "
+                                         "on the Mac).")] = "torch",
 ) -> None:
     """Fine-tune a model with Speculative Streaming (PyTorch; needs the 'train' extra).
 
@@ -103,7 +106,13 @@ def train(
     """
     if mode not in _MODES:
         raise ValueError(f"--mode must be one of {_MODES}, got {mode!r}.")
-    from mlx_specstream.train import TrainArgs, run_training
+    if backend not in ("torch", "mlx"):
+        raise ValueError(f"--backend must be torch or mlx, got {backend!r}.")
+    if backend == "mlx":  # the same options, on the runtime's own model (mlx_specstream.mlx_train)
+        from mlx_specstream.mlx_train import TrainOptions as TrainArgs
+        from mlx_specstream.mlx_train import run_training
+    else:
+        from mlx_specstream.train import TrainArgs, run_training
 
     targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets else None
     args = TrainArgs(

@@ -1,0 +1,97 @@
+"""The MLX trainer, shared mode: LoRA shared by main stream and streams. Its chunked gradients
+equal the whole-sequence loss's; a run lowers both losses, fuses LoRA into the saved base and
+writes a directory whose speculative greedy output equals its plain greedy output."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_mlx_train import _batch, _write_data
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_specstream.config import SpecStreamConfig
+from mlx_specstream.generate import generate_step
+from mlx_specstream.loading import load_model, save_model
+from mlx_specstream.mlx_train import Options, batch_loss, count_targets, train
+from mlx_specstream.mlx_train.data import IGNORE_INDEX, stream_targets
+from mlx_specstream.mlx_train.params import canonical_names
+from mlx_specstream.mlx_train.shared import attach_shared_lora, freeze_for_shared
+from mlx_specstream.testing import random_model, tiny_config, write_tiny_model_dir, write_tiny_tokenizer
+
+
+def _reference_loss(model, ids, labels, counts):
+    main, streams, _ = model.all_logits(mx.array(ids))
+    tgt = stream_targets(labels, model.num_streams)
+    weights = model.spec.weights()
+    total = mx.array(0.0)
+    parts = [("main", main, tgt[..., 0], weights[0])]
+    parts += [(f"stream{j}", streams[:, :, j - 1], tgt[..., j], weights[j]) for j in range(1, model.num_streams + 1)]
+    for name, logits, y, w in parts:
+        valid = y != IGNORE_INDEX
+        ce = nn.losses.cross_entropy(logits, mx.array(np.where(valid, y, 0)))
+        total = total + w * (ce * mx.array(valid)).sum() / counts[name]
+    return total
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_shared_gradients_equal_whole_sequence_loss(family):
+    spec = SpecStreamConfig(num_streams=3, num_msa_layers=2, mode="shared", stream_init="linear", stream_init_rank=4)
+    model = random_model(tiny_config(family, vocab_size=64), spec, seed=3)
+    assert attach_shared_lora(model, 4, 8.0, None, seed=0) == 4 * 4  # q, k, v, o of every layer
+    for _, module in model.base.named_modules():  # non-zero b, so every LoRA factor gets a gradient
+        if "lora_b" in module:
+            module.lora_b = mx.random.normal(module.lora_b.shape) * 0.1
+    freeze_for_shared(model)
+    ids, labels = _batch(20)
+    counts = count_targets([labels], model.num_streams, False)
+    want_loss, want = nn.value_and_grad(model, lambda m: _reference_loss(m, ids, labels, counts))(model)
+    want = canonical_names(model, want)
+    for opts in (Options(chunk_size=4, prefill_chunk=8), Options(chunk_size=7, head_rows=9, grad_checkpoint=True)):
+        loss, metrics, grads = batch_loss(model, ids, labels, counts, opts)
+        assert abs(loss.item() - want_loss.item()) < 1e-5
+        got = canonical_names(model, grads)
+        assert set(got) == set(want)
+        for k in want:
+            scale = float(mx.abs(want[k]).max())
+            assert scale > 0, k
+            np.testing.assert_allclose(np.array(got[k]), np.array(want[k]), rtol=0, atol=1e-5 * max(1.0, scale),
+                                       err_msg=k)
+
+
+def test_shared_run_trains_both_streams_and_fuses_lora(tmp_path):
+    from mlx_specstream import load
+
+    base = write_tiny_model_dir(tmp_path / "base", "llama", spec=None, hidden_size=32, num_hidden_layers=3)
+    data = _write_data(tmp_path / "train.jsonl")
+    result = train(base, data, tmp_path / "out", mode="shared", streams=2, msa_layers=2, lora_rank=4, epochs=4,
+                   lr=1e-2, batch_size=4, eval_examples=4, progress=False, pruning_rank=4)
+    first, last = result.metrics["initial_eval"], result.metrics["eval"]
+    for name in ("main", "stream1", "stream2"):
+        assert last[f"{name}.loss"] < first[f"{name}.loss"] - 0.5, name
+    weights = mx.load(str(result.output_dir / "model.safetensors"))
+    assert not any("lora" in k for k in weights)
+    model, _ = load(str(result.output_dir))
+    plain, _ = load_model(base)
+    tokens = mx.array([[5, 9, 33, 97, 98, 32, 99]])
+    assert not mx.allclose(model(tokens), plain(tokens), atol=1e-3).item()  # the main stream was fine-tuned
+    prompt = mx.array([48, 58, 32, 97, 98, 32], dtype=mx.int32)
+    spec_ids = [t for s in generate_step(model, prompt, max_tokens=30, tree="2,1") for t in s.tokens][:30]
+    ar = [t for s in generate_step(model, prompt, max_tokens=30, speculate=False) for t in s.tokens][:30]
+    assert spec_ids == ar
+
+
+def test_shared_mode_refuses_a_quantized_base_and_full_fine_tuning(tmp_path):
+    config = tiny_config("llama", hidden_size=64, num_hidden_layers=2)
+    model = random_model(config, None, seed=0)
+    nn.quantize(model.base, group_size=32, bits=4)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    write_tiny_tokenizer(tok)
+    base = save_model(model, config, tmp_path / "q4", tokenizer_dir=tok, quantization={"group_size": 32, "bits": 4})
+    data = _write_data(tmp_path / "train.jsonl", n=8)
+    with pytest.raises(ValueError, match="float base"):
+        train(base, data, tmp_path / "out", mode="shared", streams=2, msa_layers=1, progress=False)
+    with pytest.raises(ValueError, match="lora-rank"):
+        train(base, data, tmp_path / "out", mode="shared", lora_rank=0, progress=False)
