@@ -18,7 +18,8 @@ _MODES = ("shared", "lossless")
 
 
 def train(
-    model: Annotated[Path, typer.Option("--model", "-m", help="Hugging Face model directory to fine-tune.",
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model directory to fine-tune (Hugging Face; with "
+                                        "--backend mlx also a converted or mlx-community directory or hub id).",
                                         show_default=False)],
     data: Annotated[Path, typer.Option("--data", help="Training data: JSONL {prompt, completion} or {messages}, "
                                        "E2E CSV, or DialogSum JSONL (.gz allowed).", show_default=False)],
@@ -109,8 +110,11 @@ def train(
     if backend not in ("torch", "mlx"):
         raise ValueError(f"--backend must be torch or mlx, got {backend!r}.")
     if backend == "mlx":  # the same options, on the runtime's own model (mlx_specstream.mlx_train)
+        from mlx_specstream.loading import resolve_model_path
         from mlx_specstream.mlx_train import TrainOptions as TrainArgs
         from mlx_specstream.mlx_train import run_training
+
+        model = resolve_model_path(str(model))  # a directory or a hub id, as generate takes it
     else:
         from mlx_specstream.train import TrainArgs, run_training
 
