@@ -12,7 +12,7 @@
   can be distilled again.
 
 **Exactness.** Lossless training should see the tokens the model generated, but the trainer
-re-tokenizes text (:mod:`mlx_specstream.train.data`: prompt ids, completion ids, then EOS).
+re-tokenizes text (:mod:`mlx_specstream.train_common.data`: prompt ids, completion ids, then EOS).
 A row is ``"exact"`` when that tokenization gives the prompt's ids followed by exactly the
 generated ids and, if the model stopped, its stop token (the chat template may add its own
 tokens after that). Text is decoded in context (the prompt's decoding is cut off the
@@ -45,13 +45,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
-from .datasets import format_prompt, iter_jsonl
+from .datasets import Example, format_prompt, iter_jsonl
 from .prompting import TEMPLATE_KEY, prompt_template
 from .sampling import SamplingParams
+from .train_common.data import training_ids as trainer_ids
+from .train_common.options import DEVICES
 
 PathLike = Union[str, Path]
 BACKENDS = ("mlx", "torch")
-DEVICES = ("auto", "cuda", "mps", "cpu")
 MAX_TRIM = 3  # tokens a cut-off reply may lose to end on a whole character (UTF-8: <= 3 pending bytes)
 
 
@@ -143,33 +144,13 @@ def read_prompts(path: PathLike) -> list[PromptRow]:
 
 
 def training_ids(tokenizer: Any, row: dict) -> tuple[list[int], list[int]]:
-    """``(prompt ids, completion ids)`` of an output row as the trainer tokenizes it, EOS appended.
-
-    The same rules as ``_prompt_and_completion_ids`` and ``tokenize_example`` of
-    :mod:`mlx_specstream.train.data` (which imports PyTorch; a test checks the two agree).
-    Raises ValueError where the trainer would.
-    """
+    """``(prompt ids, completion ids)`` of an output row as the trainer tokenizes it, EOS appended
+    (:func:`mlx_specstream.train_common.data.training_ids`). Raises ValueError where the trainer would."""
     if "messages" in row:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat rows need a tokenizer with a chat template")
-        msgs = [dict(m) for m in row["messages"]]
-        full = tokenizer.apply_chat_template(msgs, tokenize=False)
-        prompt = tokenizer.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
-        if not full.startswith(prompt):
-            raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        c_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        ex = Example(prompt="", completion=row["messages"][-1]["content"], messages=tuple(row["messages"]))
     else:
-        p_ids = tokenizer(row["prompt"])["input_ids"]
-        full_ids = tokenizer(row["prompt"] + row["completion"])["input_ids"]
-        if full_ids[: len(p_ids)] == p_ids:
-            c_ids = full_ids[len(p_ids):]
-        else:
-            c_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    if eos is not None and (not c_ids or c_ids[-1] != eos):
-        c_ids = c_ids + [eos]
-    return list(p_ids), list(c_ids)
+        ex = Example(prompt=row["prompt"], completion=row["completion"])
+    return trainer_ids(tokenizer, ex)
 
 
 def _make_job(tokenizer: Any, item: PromptRow, template: Optional[str], where: str) -> _Job:

@@ -68,7 +68,7 @@ def resolve_model_path(path: Optional[PathLike]) -> Path:
 
 def extras_to_module_names(model: SpecStreamModel, extras: dict[str, mx.array]) -> dict[str, mx.array]:
     """Canonical extras names (config.py) -> this model's parameter names."""
-    layer_prefix = _layers_prefix(model)
+    layer_prefix = layers_prefix(model)
     out = {}
     for k, v in extras.items():
         if k.startswith("stream_lora."):
@@ -93,7 +93,8 @@ def extras_from_model(model: SpecStreamModel) -> dict[str, mx.array]:
     return out
 
 
-def _layers_prefix(model: SpecStreamModel) -> str:
+def layers_prefix(model: SpecStreamModel) -> str:
+    """Where the decoder layers sit in the base model's tree (``model.layers``, ...)."""
     first = model.base.layers[0]
     for name, module in model.base.named_modules():
         if module is first:

@@ -50,7 +50,7 @@ def write_jsonl(path, rows):
 
 def trainer_ids(tokenizer, path):
     """The trainer's input ids of every row of an output file (mlx_specstream.train.data)."""
-    from mlx_specstream.train.data import tokenize_example
+    from mlx_specstream.train_common.data import tokenize_example
 
     return [tokenize_example(tokenizer, ex, 10**6).input_ids for ex in read_jsonl(path).examples]
 
@@ -145,7 +145,7 @@ def test_sampling_is_reproducible_with_a_seed(demo_run, tmp_path):
 
 
 def test_training_ids_agree_with_the_trainer(chat_dir, demo_run):
-    from mlx_specstream.train.data import tokenize_example
+    from mlx_specstream.train_common.data import tokenize_example
 
     _, wrapper = load(chat_dir)
     chat_tok = wrapper._tokenizer

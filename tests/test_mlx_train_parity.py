@@ -130,19 +130,26 @@ def test_shared_mode_loss_and_gradients_match_pytorch(variant, tmp_path):
         np.testing.assert_allclose(np.array(got[k]), w, rtol=0, atol=2e-5 * scale, err_msg=f"{variant} {k}")
 
 
-def test_same_batches_and_tokens_as_the_pytorch_trainer():
+def test_same_padded_batches_and_stream_targets_as_the_pytorch_trainer():
+    """Both trainers tokenize and order batches with one copy (train_common.data); what each
+    builds from it, the padded batch and the per-stream targets, must agree."""
     from mlx_specstream.datasets import Example
     from mlx_specstream.mlx_train import data as mlx_data
     from mlx_specstream.train import data as pt_data
+    from mlx_specstream.train import layout as pt_layout
     from mlx_specstream.train.tiny import byte_tokenizer
+    from mlx_specstream.train_common.data import tokenize_all
 
-    lengths = list(np.random.default_rng(0).integers(5, 80, size=203))
-    for kw in (dict(batch_size=8), dict(batch_size=4, accumulation=3), dict(batch_size=4, accumulation=2,
-                                                                            batch_tokens=200)):
-        for epoch in (0, 1):
-            assert mlx_data.epoch_steps(lengths, seed=3, epoch=epoch, **kw) == pt_data.epoch_steps(
-                lengths, seed=3, epoch=epoch, **kw)
     tok = byte_tokenizer()
-    for ex in (Example(prompt="Q: 2+2?", completion=" A: 4"), Example(prompt="x" * 40, completion=" y")):
-        a, b = mlx_data.tokenize_example(tok, ex, 32), pt_data.tokenize_example(tok, ex, 32)
-        assert (a is None and b is None) or (a.input_ids, a.labels) == (b.input_ids, b.labels)
+    examples = [Example(prompt="Q: 2+2?", completion=" A: 4"), Example(prompt="Tell a story.", completion=" Once."),
+                Example(prompt="x", completion=" a longer completion than the others")]
+    tokenized, dropped = tokenize_all(tok, examples, 32)
+    assert dropped == 0
+    ids, labels = mlx_data.collate(tokenized, pad_id=0)
+    pt = pt_data.collate(tokenized, pad_id=0)
+    np.testing.assert_array_equal(ids, pt["input_ids"].numpy())
+    np.testing.assert_array_equal(labels, pt["labels"].numpy())
+    assert (labels != mlx_data.IGNORE_INDEX).sum() > 0 and (labels == mlx_data.IGNORE_INDEX).sum() > 0
+    for gamma in (1, 3):
+        np.testing.assert_array_equal(mlx_data.stream_targets(labels, gamma),
+                                      pt_layout.stream_targets(pt["labels"], gamma).numpy())

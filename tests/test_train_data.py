@@ -6,7 +6,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from mlx_specstream.datasets import Example  # noqa: E402
-from mlx_specstream.train.data import bucketed_batches, collate, tokenize_all, tokenize_example  # noqa: E402
+from mlx_specstream.train.data import collate  # noqa: E402
+from mlx_specstream.train_common.data import bucketed_batches, tokenize_all, tokenize_example  # noqa: E402
 from mlx_specstream.train.layout import IGNORE_INDEX as I  # noqa: E402
 from mlx_specstream.train.tiny import byte_tokenizer  # noqa: E402
 

@@ -321,10 +321,11 @@ def test_bidirectional_gemma_is_rejected():
 def test_shared_mode_peft_lora_on_the_default_targets(variant):
     """Shared mode's peft LoRA on each family's attention projections (phi3: qkv_proj, o_proj)
     trains, merges into plain HF weights, and the merged model's main stream equals HF's."""
-    from mlx_specstream.train.modes import build_spec_config, prepare
+    from mlx_specstream.train.modes import prepare
+    from mlx_specstream.train_common.options import build_spec
 
     hf = hf_model(variant)
-    spec = build_spec_config(family=hf.config.model_type, num_layers=4, mode="shared", streams=2, msa_layers=2)
+    spec = build_spec(num_layers=4, mode="shared", streams=2, msa_layers=2)
     model, peft_model = prepare(hf, spec, lora_rank=4, lora_alpha=None, lora_targets=None, seed=0)
     targets = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n, p in model.named_parameters()
                if p.requires_grad and ".lora_A." in n}

@@ -11,10 +11,13 @@ pytest.importorskip("peft")
 
 from mlx_specstream.config import EXTRAS_FILE  # noqa: E402
 from mlx_specstream.train import TrainArgs, run_training  # noqa: E402
-from mlx_specstream.train.data import collate, epoch_steps, token_batches  # noqa: E402
+from mlx_specstream.train.data import collate  # noqa: E402
+from mlx_specstream.train_common.data import epoch_steps, token_batches  # noqa: E402
 from mlx_specstream.train.dist import resolve_device  # noqa: E402
 from mlx_specstream.train.loop import accumulate_gradients  # noqa: E402
-from mlx_specstream.train.modes import build_spec_config, prepare  # noqa: E402
+from mlx_specstream.train.backbone import DEFAULT_ATTENTION_TARGETS  # noqa: E402
+from mlx_specstream.train.modes import prepare  # noqa: E402
+from mlx_specstream.train_common.options import build_spec  # noqa: E402
 from mlx_specstream.train.tiny import byte_tokenizer, save_tiny_checkpoint, tiny_hf_model  # noqa: E402
 
 torch.set_num_threads(2)
@@ -118,13 +121,14 @@ def test_low_precision_model_holds_frozen_weights_low_and_trainables_in_float32(
 def _model(mode="shared", lora_rank=4):
     tok = byte_tokenizer()
     hf = tiny_hf_model("llama", tokenizer=tok)
-    spec = build_spec_config(family="llama", num_layers=4, mode=mode, streams=3, msa_layers=2, pruning_rank=4)
+    spec = build_spec(num_layers=4, mode=mode, streams=3, msa_layers=2, pruning_rank=4,
+                      default_targets=DEFAULT_ATTENTION_TARGETS["llama"])
     model, _ = prepare(hf, spec, lora_rank=lora_rank, lora_alpha=None, lora_targets=None, seed=0)
     return model.train(), spec
 
 
 def _examples(n=6):
-    from mlx_specstream.train.data import TokenizedExample
+    from mlx_specstream.train_common.data import TokenizedExample
 
     g = torch.Generator().manual_seed(0)
     out = []

@@ -63,7 +63,8 @@ def make_step(a: argparse.Namespace, method: str):
 
     from mlx_specstream.train.dist import resolve_device
     from mlx_specstream.train.loop import accumulate_gradients
-    from mlx_specstream.train.modes import build_spec_config, prepare
+    from mlx_specstream.train.modes import prepare
+    from mlx_specstream.train_common.options import build_spec
     from mlx_specstream.train.precision import autocast, parse_dtype, upcast_trainable
 
     device, dtype = resolve_device(a.device), parse_dtype(a.dtype)
@@ -73,12 +74,10 @@ def make_step(a: argparse.Namespace, method: str):
     n_layers = hf.config.num_hidden_layers
     lora = dict(lora_rank=a.lora_rank, lora_alpha=None, lora_targets=None, seed=0)
     if method == "specstream":
-        spec = build_spec_config(family=hf.config.model_type, num_layers=n_layers, mode="shared",
-                                 streams=a.streams, msa_layers=n_layers // 2)
+        spec = build_spec(num_layers=n_layers, mode="shared", streams=a.streams, msa_layers=n_layers // 2)
         model, _ = prepare(hf, spec, **lora)
     else:
-        spec = build_spec_config(family=hf.config.model_type, num_layers=n_layers, mode="shared", streams=0,
-                                 msa_layers=None)
+        spec = build_spec(num_layers=n_layers, mode="shared", streams=0, msa_layers=None)
         _, model = prepare(hf, spec, **lora)  # the peft model
         if a.grad_checkpoint:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,8 +1,6 @@
-"""Atomic directories, resumable checkpoints and the final model directory (MLX trainer).
-
-As the PyTorch trainer (``mlx_specstream.train.checkpoint``): a directory is written under a
-hidden temporary name and renamed into place when complete, so an interrupted run never
-leaves a half-written checkpoint or output. Resume checkpoints live in
+"""Resumable checkpoints and the final model directory of the MLX trainer, each written
+atomically (:func:`mlx_specstream.train_common.files.atomic_directory`), so an interrupted
+run never leaves a half-written checkpoint or output. Resume checkpoints live in
 ``{checkpoint_dir}/step-{N:08d}/``: ``trainable.safetensors`` (every trainable parameter by
 its name in the model), ``optimizer.safetensors`` (the optimizer's state tree,
 flattened) and ``state.json`` (step, fingerprint, history).
@@ -15,13 +13,11 @@ unchanged, ``config.json`` with the run's ``speculative_streaming`` block and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -30,59 +26,19 @@ from mlx_specstream.config import CONFIG_KEY, EXTRAS_FILE, read_config
 from mlx_specstream.datasets import PROMPT_TEMPLATE_KEY
 from mlx_specstream.loading import extras_from_model
 from mlx_specstream.streams import SpecStreamModel
-
-CHECKPOINT_PREFIX = "step-"
-RUN_RECORDS = ("training_args.json", "train_metrics.json", "train_log.jsonl")
-
-
-@contextlib.contextmanager
-def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes ``final`` when the block succeeds."""
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; pass overwrite=True (--overwrite) to replace it.")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories are ignored)."""
-    if not Path(checkpoint_dir).is_dir():
-        return []
-    found = [p for p in Path(checkpoint_dir).iterdir()
-             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def latest_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
-    found = list_checkpoints(checkpoint_dir)
-    return found[-1] if found else None
+from mlx_specstream.train_common.files import RUN_RECORDS, atomic_directory, checkpoint_path, keep_newest, write_state
 
 
 def save_checkpoint(checkpoint_dir: Path, step: int, model: SpecStreamModel, optimizer, state: dict[str, Any],
                     *, keep: int = 2) -> Path:
     """Write ``step-{step}`` atomically, then delete all but the newest ``keep`` checkpoints."""
-    final = Path(checkpoint_dir) / f"{CHECKPOINT_PREFIX}{step:08d}"
+    final = checkpoint_path(checkpoint_dir, step)
     with atomic_directory(final, overwrite=True) as tmp:
         mx.save_safetensors(str(tmp / "trainable.safetensors"), dict(tree_flatten(model.trainable_parameters())))
         opt_state = {k: v for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)}
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
-        (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=2, sort_keys=True) + "\n")
-    for old in list_checkpoints(checkpoint_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        write_state(tmp, state, step)
+    keep_newest(checkpoint_dir, keep)
     return final
 
 

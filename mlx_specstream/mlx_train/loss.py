@@ -24,17 +24,12 @@ import numpy as np
 from mlx.utils import tree_map
 
 from mlx_specstream.streams import SpecStreamModel
+from mlx_specstream.train_common.metrics import PRUNE_LOSS_WEIGHT, stream_names
 
 from .data import IGNORE_INDEX, stream_targets
 from .forward import ChunkLayout, chunk_bounds, main_pass, stream_chunk
 
-PRUNE_LOSS_WEIGHT = 0.1
 LOGITS_BUDGET = 1 << 25  # logits per head piece (128 MB in float32)
-
-
-def stream_names(num_streams: int, pruning: bool) -> list[str]:
-    """Metric names: ``main``, ``stream1`` .. ``stream{γ}``, then ``prune`` if present."""
-    return ["main"] + [f"stream{j}" for j in range(1, num_streams + 1)] + (["prune"] if pruning else [])
 
 
 @dataclasses.dataclass
@@ -200,12 +195,3 @@ def _run(model, fn, grads: bool, accumulate, totals: dict, rows: Rows, loss: mx.
 def _vocab(model: SpecStreamModel) -> int:
     args = getattr(model.base, "args", None)
     return int(getattr(args, "vocab_size", 0) or 32000)
-
-
-def summarize(metrics: dict[str, float], counts: dict[str, float]) -> dict[str, float]:
-    """Summed metrics and counts -> ``{name}.loss`` and ``{name}.acc`` per stream (NaN when no targets)."""
-    out = {}
-    for name, n in counts.items():
-        out[f"{name}.loss"] = metrics.get(f"{name}.ce_sum", 0.0) / n if n else float("nan")
-        out[f"{name}.acc"] = metrics.get(f"{name}.correct", 0.0) / n if n else float("nan")
-    return out

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlx_specstream.config import PruningConfig, SpecStreamConfig, StreamLoRAConfig
-from mlx_specstream.loading import extras_from_model, extras_to_module_names, load_model
+from mlx_specstream.loading import extras_from_model, extras_to_module_names, layers_prefix, load_model
 from mlx_specstream.streams import LowRankResidual, SpecStreamModel, StreamLoRALinear
 
 
@@ -34,35 +33,6 @@ def attention_linears(model: nn.Module, layer: int) -> tuple[str, ...]:
     if not names:
         raise ValueError(f"The attention of decoder layer {layer} has no linear layer; pass --lora-targets.")
     return names
-
-
-def build_spec(base: nn.Module, *, mode: str, streams: int, msa_layers: Optional[int],
-               stream_init: str = "identity", stream_init_rank: Optional[int] = None, pruning_rank: int = 8,
-               pruning_threshold: float = 0.0, lora_rank: int = 8, lora_alpha: Optional[float] = None,
-               lora_targets: Optional[Sequence[str]] = None, stream_loss_weight: float = 0.1) -> SpecStreamConfig:
-    """The run's ``speculative_streaming`` block, as the PyTorch trainer builds it
-    (``mlx_specstream.train.modes.build_spec_config``); ``msa_layers`` None = half the layers."""
-    num_layers = len(base.layers)
-    if mode not in ("shared", "lossless"):
-        raise ValueError(f"mode must be 'shared' or 'lossless', got {mode!r}.")
-    if streams == 0 and mode == "lossless":
-        raise ValueError("lossless mode trains only the streams; it needs --streams >= 1.")
-    if msa_layers is None:
-        msa_layers = max(1, num_layers // 2)
-    if msa_layers > num_layers:
-        raise ValueError(f"--msa-layers {msa_layers} exceeds the model's {num_layers} layers; use 1..{num_layers}.")
-    stream_lora = None
-    if mode == "lossless" and lora_rank > 0:
-        targets = tuple(lora_targets) if lora_targets else attention_linears(base, num_layers - msa_layers)
-        stream_lora = StreamLoRAConfig(rank=lora_rank, alpha=float(lora_alpha or 2 * lora_rank), target_modules=targets)
-    weights = None if stream_loss_weight == 0.1 else [1.0] + [float(stream_loss_weight)] * streams
-    spec = SpecStreamConfig(
-        num_streams=streams, num_msa_layers=msa_layers if streams else 0, stream_init=stream_init,
-        stream_init_rank=stream_init_rank, mode=mode,
-        pruning=PruningConfig(rank=pruning_rank, threshold=pruning_threshold) if streams and pruning_rank else None,
-        stream_lora=stream_lora, loss_weights=weights)
-    spec.validate(num_layers=num_layers)
-    return spec
 
 
 def _unwrap_stream_lora(base: nn.Module) -> None:
@@ -155,7 +125,7 @@ def cast_extras_float32(model: SpecStreamModel) -> None:
 def canonical_names(model: SpecStreamModel, tree: dict) -> dict[str, mx.array]:
     """A tree shaped like ``model.trainable_parameters()`` (parameters, gradients) -> its
     arrays under the checkpoint convention's names (``stream_lora.{i}.{path}.lora_a``, ...)."""
-    prefix = _layers_prefix(model)
+    prefix = layers_prefix(model)
     out = {}
     for k, v in tree_flatten(tree):
         if k.startswith("base."):
@@ -164,11 +134,3 @@ def canonical_names(model: SpecStreamModel, tree: dict) -> dict[str, mx.array]:
             k = "stream_lora." + k[len(f"base.{prefix}."):]
         out[k] = v
     return out
-
-
-def _layers_prefix(model: SpecStreamModel) -> str:
-    first = model.base.layers[0]
-    for name, module in model.base.named_modules():
-        if module is first:
-            return name.rsplit(".", 1)[0]
-    raise AssertionError("decoder layers not found in the model tree")

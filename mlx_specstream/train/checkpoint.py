@@ -1,8 +1,5 @@
-"""Atomic directories, resumable training checkpoints and the final model directory.
-
-A directory is written under a hidden temporary name and renamed into place only when
-complete, so an interrupted run (Ctrl-C, crash) never leaves a half-written checkpoint or
-output: the last complete one stays intact.
+"""Resumable training checkpoints of the PyTorch trainer, written atomically
+(:func:`mlx_specstream.train_common.files.atomic_directory`).
 
 Resume checkpoints live in ``{checkpoint_dir}/step-{N:08d}/``: ``trainable.safetensors``
 (every trainable parameter by its name in :class:`SpecStreamLM`), ``optimizer.pt``
@@ -11,54 +8,14 @@ Resume checkpoints live in ``{checkpoint_dir}/step-{N:08d}/``: ``trainable.safet
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-CHECKPOINT_PREFIX = "step-"
-
-
-@contextlib.contextmanager
-def atomic_directory(final: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes ``final`` when the block succeeds.
-
-    An existing ``final`` is replaced only with ``overwrite``; on any exception (including
-    KeyboardInterrupt) the temporary directory is removed and ``final`` is untouched.
-    """
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; pass overwrite=True (--overwrite) to replace it.")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary directories are ignored)."""
-    if not checkpoint_dir.is_dir():
-        return []
-    found = [p for p in checkpoint_dir.iterdir()
-             if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: p.name)
+from mlx_specstream.train_common.files import atomic_directory, checkpoint_path, keep_newest, write_state
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -73,7 +30,7 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: nn.Module, optimizer
     """
     from safetensors.torch import save_file
 
-    final = checkpoint_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
+    final = checkpoint_path(checkpoint_dir, step)
     with atomic_directory(final, overwrite=True) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         blob = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -83,9 +40,8 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: nn.Module, optimizer
         if scaler is not None and scaler.is_enabled():
             blob["scaler"] = scaler.state_dict()
         torch.save(blob, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=2, sort_keys=True) + "\n")
-    for old in list_checkpoints(checkpoint_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        write_state(tmp, state, step)
+    keep_newest(checkpoint_dir, keep)
     return final
 
 
@@ -110,8 +66,3 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     if scaler is not None and "scaler" in blob:
         scaler.load_state_dict(blob["scaler"])
     return json.loads((path / "state.json").read_text())
-
-
-def latest_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
-    found = list_checkpoints(checkpoint_dir)
-    return found[-1] if found else None

@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as tdist
 
-DEVICES = ("auto", "cuda", "mps", "cpu")
+from mlx_specstream.train_common.options import DEVICES
 
 
 def _mps_available() -> bool:

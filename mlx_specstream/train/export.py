@@ -17,8 +17,9 @@ import torch
 
 from mlx_specstream.config import read_config
 from mlx_specstream.datasets import load_dataset
+from mlx_specstream.train_common.options import FINGERPRINT_KEYS
 
-from .loop import FINGERPRINT_KEYS, TrainArgs, load_for_training, spec_for, write_model_dir
+from .loop import TrainArgs, load_for_training, spec_for, write_model_dir
 from .modes import merge_for_save
 from .precision import parse_dtype
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from mlx_specstream.train_common.data import IGNORE_INDEX  # noqa: F401 (re-used by the loss)
 
 
 def default_positions(valid: torch.Tensor) -> torch.Tensor:

@@ -20,20 +20,16 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from mlx_specstream.train_common.metrics import PRUNE_LOSS_WEIGHT, stream_names
+
 from .layout import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from .model import SpecStreamLM, StreamHidden
 
-PRUNE_LOSS_WEIGHT = 0.1
 # Logits per chunk (rows x vocabulary): 2^24 float32 logits are 64 MiB (plus their gradient); a
 # Qwen2-0.5B-sized vocabulary (151,936) takes 110 rows a chunk.
 LOSS_CHUNK_ELEMENTS = 1 << 24
-
-
-def stream_names(num_streams: int, pruning: bool) -> list[str]:
-    """Metric names: ``main``, ``stream1`` .. ``stream{γ}``, then ``prune`` if present."""
-    return ["main"] + [f"stream{j}" for j in range(1, num_streams + 1)] + (["prune"] if pruning else [])
 
 
 def target_counts(targets: torch.Tensor, pruning: bool) -> dict[str, torch.Tensor]:
@@ -131,15 +127,3 @@ def specstream_loss(model: "SpecStreamLM", hidden: "StreamHidden", targets: torc
         metrics[f"{name}.correct"] = correct.detach().float()
         metrics[f"{name}.count"] = count.detach().float()
     return loss, metrics
-
-
-def summarize(metrics: dict[str, float]) -> dict[str, float]:
-    """Accumulated sums -> ``{name}.loss`` and ``{name}.acc`` per stream (NaN when no targets)."""
-    out = {}
-    for key in metrics:
-        if key.endswith(".count"):
-            name = key[: -len(".count")]
-            n = metrics[key]
-            out[f"{name}.loss"] = metrics[f"{name}.ce_sum"] / n if n else float("nan")
-            out[f"{name}.acc"] = metrics[f"{name}.correct"] / n if n else float("nan")
-    return out

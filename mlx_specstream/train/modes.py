@@ -15,43 +15,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from mlx_specstream.config import PruningConfig, SpecStreamConfig, StreamLoRAConfig
+from mlx_specstream.config import SpecStreamConfig
 
 from .backbone import DEFAULT_ATTENTION_TARGETS
 from .model import SpecStreamLM
-
-
-def build_spec_config(*, family: str, num_layers: int, mode: str, streams: int, msa_layers: Optional[int],
-                      stream_init: str = "identity", stream_init_rank: Optional[int] = None,
-                      pruning_rank: int = 8, pruning_threshold: float = 0.0, lora_rank: int = 8,
-                      lora_alpha: Optional[float] = None, lora_targets: Optional[tuple[str, ...]] = None,
-                      stream_loss_weight: float = 0.1) -> SpecStreamConfig:
-    """The ``speculative_streaming`` block for a training run (validated against the model).
-
-    ``msa_layers`` None means half the layers (the paper's setting for E2E and DialogSum).
-    """
-    if mode not in ("shared", "lossless"):
-        raise ValueError(f"mode must be 'shared' or 'lossless', got {mode!r}.")
-    if streams == 0 and mode == "lossless":
-        raise ValueError("lossless mode trains only the streams; it needs --streams >= 1.")
-    if msa_layers is None:
-        msa_layers = max(1, num_layers // 2)
-    if msa_layers > num_layers:
-        raise ValueError(f"--msa-layers {msa_layers} exceeds the model's {num_layers} layers; use 1..{num_layers}.")
-    stream_lora = None
-    if mode == "lossless" and lora_rank > 0:
-        stream_lora = StreamLoRAConfig(rank=lora_rank, alpha=float(lora_alpha or 2 * lora_rank),
-                                       target_modules=tuple(lora_targets or DEFAULT_ATTENTION_TARGETS[family]))
-    weights = None
-    if stream_loss_weight != 0.1:
-        weights = [1.0] + [float(stream_loss_weight)] * streams
-    spec = SpecStreamConfig(
-        num_streams=streams, num_msa_layers=msa_layers if streams else 0, stream_init=stream_init,
-        stream_init_rank=stream_init_rank, mode=mode,
-        pruning=PruningConfig(rank=pruning_rank, threshold=pruning_threshold) if streams and pruning_rank else None,
-        stream_lora=stream_lora, loss_weights=weights)
-    spec.validate(num_layers=num_layers)
-    return spec
 
 
 def prepare(hf: nn.Module, spec: SpecStreamConfig, *, lora_rank: int, lora_alpha: Optional[float],
