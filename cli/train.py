@@ -1,9 +1,11 @@
-"""``specstream train``: fine-tune a Hugging Face model into a Speculative Streaming checkpoint.
+"""``specstream train``: fine-tune a model into a Speculative Streaming checkpoint.
 
-Thin over :func:`mlx_specstream.train.run_training` (same option names as
-:class:`mlx_specstream.train.TrainArgs`). Needs the ``train`` extra (PyTorch). Runs under
-``torchrun --nproc_per_node N -m mlx_specstream train ...`` for DDP. ``--device`` picks the
-device (auto: CUDA, then MPS, then CPU); a device PyTorch cannot use is an error.
+Thin over :func:`mlx_specstream.train.run_training` (PyTorch, the ``train`` extra; same option
+names as :class:`mlx_specstream.train.TrainArgs`) or, with ``--backend mlx``, over
+:func:`mlx_specstream.mlx_train.run_training` (MLX, any model directory the runtime loads).
+The PyTorch back-end runs under ``torchrun --nproc_per_node N -m mlx_specstream train ...``
+for DDP; ``--device`` picks the device (auto: CUDA, then MPS, then CPU), and a device the
+back-end cannot use is an error.
 """
 
 from __future__ import annotations
@@ -93,14 +95,24 @@ def train(
     grad_checkpoint: Annotated[bool, typer.Option("--grad-checkpoint", help="Recompute each layer in the "
                                                   "backward pass: less memory, same gradients.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", min=1, help="--backend mlx: positions whose "
+                                                      "streams run through the MSA layers together (memory vs "
+                                                      "speed; same result) [default: 64].",
+                                                      show_default=False)] = None,
+    prefill_chunk: Annotated[Optional[int], typer.Option("--prefill-chunk", min=1, help="--backend mlx: main-stream "
+                                                         "tokens per piece of the frozen prefix pass "
+                                                         "[default: 512].", show_default=False)] = None,
     backend: Annotated[str, typer.Option("--backend", help="torch (a Hugging Face model directory, PyTorch) or mlx "
                                          "(any model directory specstream loads, quantized included; in MLX, "
                                          "on the Mac).")] = "torch",
 ) -> None:
-    """Fine-tune a model with Speculative Streaming (PyTorch; needs the 'train' extra).
+    """Fine-tune a model with Speculative Streaming (PyTorch, the 'train' extra; or MLX with --backend mlx).
 
     Example: specstream train --model ./opt-125m --data ../shared/data/e2e/trainset.csv.gz
     --mode shared --streams 4 --msa-layers 6 --output ./opt-125m-e2e
+
+    On a Mac: specstream train --backend mlx --model mlx-community/Qwen3-0.6B-4bit
+    --data distilled.jsonl --mode lossless --output ./qwen3-streams
 
     On a GPU: --device cuda --dtype bfloat16 (add --grad-checkpoint and --grad-accumulation-steps
     for long sequences or big batches).
@@ -115,8 +127,13 @@ def train(
         from mlx_specstream.mlx_train import run_training
 
         model = resolve_model_path(str(model))  # a directory or a hub id, as generate takes it
+        extra = {k: v for k, v in (("chunk_size", chunk_size), ("prefill_chunk", prefill_chunk)) if v is not None}
     else:
+        if chunk_size is not None or prefill_chunk is not None:
+            raise ValueError("--chunk-size and --prefill-chunk are the MLX trainer's; add --backend mlx.")
         from mlx_specstream.train import TrainArgs, run_training
+
+        extra = {}
 
     targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip()) if lora_targets else None
     args = TrainArgs(
@@ -130,6 +147,7 @@ def train(
         save_every=save_every, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume=resume,
         overwrite=overwrite, seed=seed, num_threads=threads, progress=not quiet, device=device, dtype=dtype,
         grad_accumulation_steps=grad_accumulation_steps, grad_checkpoint=grad_checkpoint, batch_tokens=batch_tokens,
+        **extra,
     )
     result = run_training(args)
     if result.output_dir is not None:
