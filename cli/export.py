@@ -1,6 +1,8 @@
 """``specstream export``: a model directory from a mid-run training checkpoint.
 
-Thin over :func:`mlx_specstream.train.export.export_checkpoint`. Needs the ``train`` extra.
+Thin over :func:`mlx_specstream.train.export.export_checkpoint` (PyTorch runs; the ``train``
+extra) and :func:`mlx_specstream.mlx_train.export.export_checkpoint` (``--backend mlx`` runs),
+whichever wrote the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,10 +20,18 @@ def export(
                                          "--overwrite).", show_default=False)],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory.")] = False,
 ) -> None:
-    """Write the model of a training checkpoint as a model directory (PyTorch; needs the 'train' extra).
+    """Write the model of a training checkpoint as a model directory (either trainer's checkpoints).
 
     Example: specstream export --checkpoint runs/e2e_ss.checkpoints/step-00001000 --output runs/e2e_ss_1000
     """
+    from mlx_specstream.train_common.files import checkpoint_backend
+
+    if checkpoint_backend(checkpoint) == "mlx":
+        from mlx_specstream.mlx_train.export import export_checkpoint
+
+        out = export_checkpoint(checkpoint, output, overwrite=overwrite)
+        typer.echo(f"Wrote {out}; run it with: specstream generate --model {out}", err=True)
+        return
     from mlx_specstream.train.export import export_checkpoint
 
     out = export_checkpoint(checkpoint, output, overwrite=overwrite)

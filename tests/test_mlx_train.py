@@ -220,3 +220,44 @@ def test_four_bit_base_trains(tmp_path):
     spec_ids = [t for s in generate_step(trained_model, prompt, max_tokens=20, tree="2,1") for t in s.tokens][:20]
     ar = [t for s in generate_step(trained_model, prompt, max_tokens=20, speculate=False) for t in s.tokens][:20]
     assert spec_ids == ar
+
+
+@pytest.mark.parametrize("mode", ["lossless", "shared"])
+def test_export_writes_a_mid_run_checkpoint_as_a_model_directory(trained, tmp_path, mode):
+    """`specstream export` on an MLX checkpoint: the checkpoint's tensors under the convention's
+    names, a directory the runtime loads, lossless output in lossless mode."""
+    from mlx.utils import tree_unflatten
+
+    from mlx_specstream import load
+    from mlx_specstream.cli.main import main
+
+    _, base, data, _ = trained
+    result = train(base, data, tmp_path / "run", mode=mode, streams=2, msa_layers=2, lora_rank=4, max_steps=4,
+                   save_every=2, lr=1e-2, batch_size=4, progress=False, eval_examples=4, eval_every=2)
+    step = tmp_path / "run.checkpoints" / "step-00000002"
+    assert main(["export", "--checkpoint", str(step), "--output", str(tmp_path / "x")]) == 0
+    assert main(["export", "--checkpoint", str(step), "--output", str(tmp_path / "x")]) != 0  # no overwrite
+    exported = mx.load(str(tmp_path / "x" / "speculative_streams.safetensors"))
+    final = mx.load(str(result.output_dir / "speculative_streams.safetensors"))
+    saved = mx.load(str(step / "trainable.safetensors"))
+    want = canonical_names(result.model, tree_unflatten(list(saved.items())))
+    if mode == "shared":  # LoRA is fused into the base weights; the extras are the rest
+        want = {k: v for k, v in want.items() if not k.startswith("stream_lora.")}
+    assert set(exported) == set(want) == set(final)
+    for k, v in want.items():
+        assert mx.array_equal(exported[k], v).item(), k
+    assert any(not mx.array_equal(exported[k], final[k]).item() for k in final)  # step 2, not the end
+    records = json.loads((tmp_path / "x" / "training_args.json").read_text())
+    assert records["step"] == 2 and records["exported_from"] == str(step) and records["backend"] == "mlx"
+    model, _ = load(str(tmp_path / "x"))
+    assert model.spec.mode == mode
+    prompt = mx.array([48, 58, 32, 97, 98, 32], dtype=mx.int32)
+    spec_ids = [t for s in generate_step(model, prompt, max_tokens=24, tree="2,1") for t in s.tokens][:24]
+    ar = [t for s in generate_step(model, prompt, max_tokens=24, speculate=False) for t in s.tokens][:24]
+    assert spec_ids == ar
+    if mode == "lossless":
+        plain, _ = load_model(base)
+        tokens = mx.array([[5, 9, 33, 97, 98, 32, 99, 100]])
+        assert mx.array_equal(model(tokens), plain(tokens)).item()
+    else:
+        assert (tmp_path / "x" / "model.safetensors").read_bytes() != (base / "model.safetensors").read_bytes()

@@ -42,9 +42,9 @@ def save_checkpoint(checkpoint_dir: Path, step: int, model: SpecStreamModel, opt
     return final
 
 
-def load_checkpoint(path: Path, model: SpecStreamModel, optimizer) -> dict[str, Any]:
-    """Restore a checkpoint of :func:`save_checkpoint` into ``model`` and ``optimizer`` (whose
-    state must be initialised for the model's trainable parameters); returns its state.json."""
+def load_trainable(path: Path, model: SpecStreamModel) -> None:
+    """Load a checkpoint's ``trainable.safetensors`` into ``model``, whose trainable parameters
+    must be exactly the checkpoint's (names and shapes)."""
     path = Path(path)
     tensors = mx.load(str(path / "trainable.safetensors"))
     own = dict(tree_flatten(model.trainable_parameters()))
@@ -52,8 +52,15 @@ def load_checkpoint(path: Path, model: SpecStreamModel, optimizer) -> dict[str, 
                                                       if tensors[k].shape != own[k].shape)
     if wrong:
         raise ValueError(f"Checkpoint {path} does not match this model's trainable parameters (e.g. {wrong[:8]}); "
-                         "resume with the same arguments it was trained with.")
+                         "use the same arguments it was trained with.")
     model.load_weights(list(tensors.items()), strict=False)
+
+
+def load_checkpoint(path: Path, model: SpecStreamModel, optimizer) -> dict[str, Any]:
+    """Restore a checkpoint of :func:`save_checkpoint` into ``model`` and ``optimizer`` (whose
+    state must be initialised for the model's trainable parameters); returns its state.json."""
+    path = Path(path)
+    load_trainable(path, model)
     saved = mx.load(str(path / "optimizer.safetensors"))
     current = {k for k, v in tree_flatten(optimizer.state) if isinstance(v, mx.array)}
     if set(saved) != current:

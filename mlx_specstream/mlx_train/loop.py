@@ -129,6 +129,24 @@ def evaluate(model: SpecStreamModel, examples: list, *, batch_size: int, pad_id:
     return summarize(totals)
 
 
+def build_for_training(args: TrainOptions) -> tuple[SpecStreamModel, list[str]]:
+    """``args.model`` with the run's streams, its trainable parameters unfrozen as ``args.mode``
+    wants; returns the model and the extras warm-started from the directory (see
+    :func:`~.params.prepare_model`)."""
+    def spec_fn(base):
+        return args.spec(len(base.layers), lambda first_msa: attention_linears(base, first_msa))
+
+    if args.device == "cpu":
+        mx.set_default_device(mx.cpu)
+    model, _, warm = prepare_model(args.model, spec_fn, args.seed, dtype=args.dtype)
+    if args.mode == "shared":
+        attach_shared_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets, args.seed)
+        freeze_for_shared(model)
+    else:
+        freeze_for_lossless(model)
+    return model, warm
+
+
 def run_training(args: TrainOptions) -> TrainResult:
     """Fine-tune ``args.model`` on ``args.data`` and write ``args.output`` (see the module docstring)."""
     from transformers import AutoTokenizer
@@ -140,19 +158,9 @@ def run_training(args: TrainOptions) -> TrainResult:
     tok = tokenize_splits(AutoTokenizer.from_pretrained(args.model), train_raw, eval_raw, args.max_length)
     train_tok, eval_tok, pad_id = tok.train, tok.eval, tok.pad_id
 
-    def spec_fn(base):
-        return args.spec(len(base.layers), lambda first_msa: attention_linears(base, first_msa))
-
-    if args.device == "cpu":
-        mx.set_default_device(mx.cpu)
-    model, _, warm = prepare_model(args.model, spec_fn, args.seed, dtype=args.dtype)
+    model, warm = build_for_training(args)
     if warm:
         print(f"Warm start from {args.model}: {', '.join(warm)}.", file=sys.stderr)
-    if args.mode == "shared":
-        attach_shared_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets, args.seed)
-        freeze_for_shared(model)
-    else:
-        freeze_for_lossless(model)
     spec = model.spec
 
     lengths = [len(e.input_ids) for e in train_tok]

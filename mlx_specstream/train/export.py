@@ -9,15 +9,13 @@ model directory the run writes when it finishes.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
 from mlx_specstream.config import read_config
 from mlx_specstream.datasets import load_dataset
-from mlx_specstream.train_common.options import FINGERPRINT_KEYS
+from mlx_specstream.train_common.files import exported_records, read_checkpoint
 
 from .loop import TrainArgs, load_for_training, spec_for, write_model_dir
 from .modes import merge_for_save
@@ -34,16 +32,12 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, overwrite: 
     from transformers import AutoTokenizer
 
     ck = Path(checkpoint)
-    state_file, tensors_file = ck / "state.json", ck / "trainable.safetensors"
-    if not state_file.is_file() or not tensors_file.is_file():
-        raise FileNotFoundError(
-            f"{ck} is not a training checkpoint (no state.json / trainable.safetensors); pass a "
-            "step-NNNNNNNN directory from the run's .checkpoints folder.")
-    state = json.loads(state_file.read_text())
-    recorded = state["fingerprint"]
-    args = TrainArgs(output=str(output), **{k: recorded[k] for k in FINGERPRINT_KEYS if k in recorded})
-    if args.lora_targets:
-        args.lora_targets = tuple(args.lora_targets)
+    state, recorded = read_checkpoint(ck, ("trainable.safetensors",))
+    if recorded.get("backend") == "mlx":
+        raise ValueError(f"{ck} is the MLX trainer's checkpoint; export it with mlx_specstream.mlx_train.export "
+                         "(specstream export picks the right one).")
+    args = TrainArgs.from_fingerprint(recorded, str(output))
+    tensors_file = ck / "trainable.safetensors"
     spec = spec_for(args, read_config(args.model))
     torch.manual_seed(args.seed)
     model, peft_model = load_for_training(args, spec)
@@ -56,10 +50,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, overwrite: 
     merge_for_save(model, peft_model, dtype=parse_dtype(args.dtype))
     model.eval()
     template = load_dataset(args.data, args.data_format, limit=1).prompt_template
-    run_args = dict(dataclasses.asdict(args), prompt_template=template, speculative_streaming=spec.to_dict(),
-                    exported_from=str(ck), step=state["step"])
-    history = state.get("history", [])
-    metrics = {"step": state["step"], "eval": next((h["eval"] for h in reversed(history) if "eval" in h), None)}
+    run_args, metrics, history = exported_records(args, state, ck, template, spec.to_dict())
     write_model_dir(Path(output), model, AutoTokenizer.from_pretrained(args.model), template, run_args, metrics,
                     history, overwrite=overwrite)
     return Path(output)

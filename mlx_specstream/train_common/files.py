@@ -10,6 +10,7 @@ is the trainer's (``mlx_specstream.train.checkpoint``, ``mlx_specstream.mlx_trai
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -118,3 +119,36 @@ def run_records(run_args: dict[str, Any], metrics: dict[str, Any], history: list
         "train_metrics.json": json.dumps(json_safe(metrics), indent=2) + "\n",
         "train_log.jsonl": "".join(json.dumps(json_safe(h)) + "\n" for h in history),
     }
+
+
+def read_checkpoint(checkpoint: Path, needs: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state.json, the run's recorded arguments)`` of a training checkpoint directory that
+    holds ``needs`` (file names) besides its state; FileNotFoundError with what to pass else."""
+    ck = Path(checkpoint)
+    state_file = ck / "state.json"
+    if not state_file.is_file() or not all((ck / n).is_file() for n in needs):
+        raise FileNotFoundError(
+            f"{ck} is not a training checkpoint (no state.json / {' / '.join(needs)}); pass a "
+            "step-NNNNNNNN directory from the run's .checkpoints folder.")
+    state = json.loads(state_file.read_text())
+    return state, dict(state.get("fingerprint", {}))
+
+
+def checkpoint_backend(checkpoint: Path) -> str:
+    """``"mlx"`` or ``"torch"``: which trainer wrote a checkpoint directory."""
+    state_file = Path(checkpoint) / "state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a training checkpoint (no state.json); pass a "
+                                "step-NNNNNNNN directory from the run's .checkpoints folder.")
+    return json.loads(state_file.read_text()).get("fingerprint", {}).get("backend", "torch")
+
+
+def exported_records(args: Any, state: dict[str, Any], checkpoint: Path, template: Optional[str],
+                     spec_dict: dict[str, Any], **extra: Any) -> tuple[dict[str, Any], dict[str, Any], list]:
+    """``(run arguments, metrics, history)`` of a model exported from a checkpoint: the run's
+    arguments plus where and at which step it was exported, the last evaluation before it."""
+    history = state.get("history", [])
+    run_args = dict(dataclasses.asdict(args), **extra, prompt_template=template, speculative_streaming=spec_dict,
+                    exported_from=str(checkpoint), step=state["step"])
+    metrics = {"step": state["step"], "eval": next((h["eval"] for h in reversed(history) if "eval" in h), None)}
+    return run_args, metrics, history

@@ -106,6 +106,14 @@ class RunOptions:
     def _at_least_one(self) -> tuple[str, ...]:
         return ("batch_size", "max_length", "epochs", "grad_accumulation_steps")
 
+    @classmethod
+    def from_fingerprint(cls, recorded: dict[str, Any], output: str):
+        """The options a checkpoint's fingerprint records, writing to ``output``."""
+        args = cls(output=str(output), **{k: recorded[k] for k in FINGERPRINT_KEYS if k in recorded})
+        if args.lora_targets:
+            args.lora_targets = tuple(args.lora_targets)
+        return args
+
     def fingerprint(self, **extra: Any) -> dict[str, Any]:
         """The values a resumed run must share with the checkpoint (plus ``extra``)."""
         d = dataclasses.asdict(self)
