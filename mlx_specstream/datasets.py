@@ -8,7 +8,11 @@ and evaluated on identically formatted prompts. Each reader returns :class:`Exam
 * ``input``: the raw task input before the template (an E2E MR, a dialogue);
 * ``references``: every reference output for that input (several for E2E test MRs,
   three for the DialogSum test split), used by ROUGE;
-* ``messages``: for chat data, the conversation (the last message is the assistant's reply).
+* ``messages``: for chat data, the conversation (the last message is the assistant's reply);
+* ``ends``: whether the reply is complete, so training appends the end of sequence (EOS, or
+  the chat template's end of turn) after it. False for the rows ``specstream distill`` cut at
+  ``--max-tokens`` (``"finish_reason": "length"``): the model did not stop there, and a
+  lossless run must not teach its streams that it did.
 
 A trained model directory records its template as the top-level ``prompt_template`` key of
 config.json (:data:`PROMPT_TEMPLATE_KEY`), a string with one ``{input}`` field that
@@ -50,6 +54,7 @@ class Example:
     input: Optional[str] = None
     references: tuple[str, ...] = ()
     messages: Optional[tuple[dict[str, str], ...]] = None
+    ends: bool = True
 
 
 @dataclasses.dataclass
@@ -124,7 +129,9 @@ def read_jsonl(path: str | os.PathLike, *, limit: Optional[int] = None) -> Datas
     """Read ``{"prompt", "completion"}`` or ``{"messages": [...]}`` lines (not mixed).
 
     Prompt/completion lines are used verbatim (template ``"{input}"``); chat lines train on
-    the last assistant message with the tokenizer's chat template (template ``None``).
+    the last assistant message with the tokenizer's chat template (template ``None``). A line
+    with ``"finish_reason": "length"`` (``specstream distill``) is an unfinished reply
+    (``ends=False``).
     """
     p = _check_file(path)
     examples: list[Example] = []
@@ -132,10 +139,11 @@ def read_jsonl(path: str | os.PathLike, *, limit: Optional[int] = None) -> Datas
     for n, obj in iter_jsonl(p):
         if limit is not None and len(examples) >= limit:
             break
+        ends = obj.get("finish_reason") != "length"  # specstream distill's rows cut at --max-tokens
         if "messages" in obj:
             this = "chat"
             msgs = _chat_messages(p, n, obj["messages"])
-            ex = Example(prompt="", completion=msgs[-1]["content"], messages=msgs)
+            ex = Example(prompt="", completion=msgs[-1]["content"], messages=msgs, ends=ends)
         elif "prompt" in obj and "completion" in obj:
             this = "jsonl"
             if not (isinstance(obj["prompt"], str) and isinstance(obj["completion"], str)):
@@ -143,7 +151,7 @@ def read_jsonl(path: str | os.PathLike, *, limit: Optional[int] = None) -> Datas
             if not obj["completion"]:
                 raise ValueError(f"{p} line {n}: 'completion' is empty; there is nothing to train on.")
             ex = Example(prompt=obj["prompt"], completion=obj["completion"], input=obj["prompt"],
-                         references=(obj["completion"],))
+                         references=(obj["completion"],), ends=ends)
         else:
             raise ValueError(
                 f"{p} line {n}: expected keys 'prompt' and 'completion', or 'messages'; got {sorted(obj)}."

@@ -144,12 +144,15 @@ def read_prompts(path: PathLike) -> list[PromptRow]:
 
 
 def training_ids(tokenizer: Any, row: dict) -> tuple[list[int], list[int]]:
-    """``(prompt ids, completion ids)`` of an output row as the trainer tokenizes it, EOS appended
-    (:func:`mlx_specstream.train_common.data.training_ids`). Raises ValueError where the trainer would."""
+    """``(prompt ids, completion ids)`` of an output row as the trainer tokenizes it (EOS appended
+    unless ``"finish_reason"`` is ``"length"``; :func:`mlx_specstream.train_common.data.training_ids`).
+    Raises ValueError where the trainer would."""
+    ends = row.get("finish_reason") != "length"
     if "messages" in row:
-        ex = Example(prompt="", completion=row["messages"][-1]["content"], messages=tuple(row["messages"]))
+        ex = Example(prompt="", completion=row["messages"][-1]["content"], messages=tuple(row["messages"]),
+                     ends=ends)
     else:
-        ex = Example(prompt=row["prompt"], completion=row["completion"])
+        ex = Example(prompt=row["prompt"], completion=row["completion"], ends=ends)
     return trainer_ids(tokenizer, ex)
 
 
@@ -204,14 +207,15 @@ def make_row(tokenizer: Any, job: _Job, gen: _Generated) -> tuple[dict, Optional
         for text in _candidate_texts(tokenizer, job.ids, tokens):
             row = _row(job, text)
             try:
-                p_ids, c_ids = training_ids(tokenizer, row)
+                p_ids, c_ids = training_ids(tokenizer, dict(row, finish_reason=finish))
             except ValueError as e:
                 first = first or (row, f"untrainable: {e}")
                 continue
             if "completion" in row and not text:
                 first = first or (row, "empty completion")  # the trainer refuses those rows
                 continue
-            if p_ids == job.ids and c_ids[: len(want)] == want:
+            # A stopped reply may be followed by the template's own end-of-turn tokens; a cut one by nothing.
+            if p_ids == job.ids and (c_ids[: len(want)] if finish == "stop" else c_ids) == want:
                 return dict(row, finish_reason=finish, exact=True), None
             first = first or (row, None)
     row, reason = first

@@ -30,6 +30,25 @@ def test_chat_jsonl(tmp_path):
     assert d.examples[0].messages == tuple(msgs)
 
 
+def test_distilled_rows_cut_at_the_limit_do_not_end(tmp_path):
+    """specstream distill's rows cut at --max-tokens are unfinished: no EOS is trained after them."""
+    pytest.importorskip("torch")  # the byte tokenizer lives with the PyTorch trainer's test models
+    from mlx_specstream.train.tiny import byte_tokenizer
+    from mlx_specstream.train_common.data import training_ids
+
+    rows = [{"prompt": "a", "completion": " b", "finish_reason": "stop"},
+            {"prompt": "a", "completion": " b", "finish_reason": "length"},
+            {"prompt": "a", "completion": " b"}]
+    p = tmp_path / "d.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = ds.read_jsonl(p).examples
+    assert [ex.ends for ex in examples] == [True, False, True]
+    tok = byte_tokenizer()
+    ended, cut, plain = (training_ids(tok, ex) for ex in examples)
+    assert ended == plain and ended[1][-1] == tok.eos_token_id
+    assert cut[0] == ended[0] and cut[1] == ended[1][:-1]
+
+
 @pytest.mark.parametrize("lines,match", [
     (['{"prompt": "a", "completion": "b"}', "", '{"prompt": "c", "completion": "d"}'], "line 2: empty line"),
     (['{"prompt": "a", "completion": "b"}', '{"prompt": "a", "completion": '], "line 2: not valid JSON"),

@@ -29,11 +29,14 @@ class TokenizedExample:
 
 
 def training_ids(tokenizer: Any, ex: Example) -> tuple[list[int], list[int]]:
-    """``(prompt ids, completion ids)`` of an example as the trainers see it, EOS appended.
+    """``(prompt ids, completion ids)`` of an example as the trainers see it.
 
     The prompt is tokenized with special tokens (BOS) as inference tokenizes it; a chat
     example's prompt is the conversation without its last reply, rendered with the generation
-    prompt, and its completion what the full conversation adds to that.
+    prompt, and its completion what the full conversation adds to that. A complete reply
+    (``ex.ends``) ends with EOS (chat: with the template's end of turn, then EOS if the template
+    adds none); an unfinished one (a distilled reply cut at its token limit) ends with its last
+    generated token.
     """
     if ex.messages is not None:
         if not getattr(tokenizer, "chat_template", None):
@@ -45,8 +48,16 @@ def training_ids(tokenizer: Any, ex: Example) -> tuple[list[int], list[int]]:
         if not full.startswith(prompt):
             raise ValueError("The chat template does not render the conversation without its last reply as a "
                              "prefix of the whole; train on {'prompt', 'completion'} lines instead.")
+        reply = full[len(prompt):]
+        if not ex.ends:  # drop the end of turn the template writes after the reply
+            content = msgs[-1]["content"]
+            at = reply.rfind(content) if content else -1
+            if at < 0:
+                raise ValueError("The chat template does not render the unfinished reply's text; train on "
+                                 "{'prompt', 'completion'} lines instead.")
+            reply = reply[: at + len(content)]
         p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        c_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        c_ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
     else:
         p_ids = tokenizer(ex.prompt)["input_ids"]
         full_ids = tokenizer(ex.prompt + ex.completion)["input_ids"]
@@ -55,7 +66,7 @@ def training_ids(tokenizer: Any, ex: Example) -> tuple[list[int], list[int]]:
         else:
             c_ids = tokenizer(ex.completion, add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    if eos is not None and (not c_ids or c_ids[-1] != eos):
+    if ex.ends and eos is not None and (not c_ids or c_ids[-1] != eos):
         c_ids = c_ids + [eos]
     return list(p_ids), list(c_ids)
 
