@@ -13,6 +13,7 @@ from mlx_specstream.cli.common import (
     MaxTokensOpt,
     ModelOpt,
     SeedOpt,
+    StreamsOpt,
     TempOpt,
     TreeOpt,
     check_output_files,
@@ -62,6 +63,7 @@ def bench(
     tune: TuneOpt = False,
     tune_data: TuneDataOpt = None,
     tune_samples: TuneSamplesOpt = 8,
+    streams: StreamsOpt = None,
 ) -> None:
     """Benchmark speculative streaming against autoregressive decoding of the same weights.
 
@@ -77,7 +79,7 @@ def bench(
     result = run_bench(
         model, data, num_samples=num_samples, max_tokens=max_tokens, temp=temp, tree=tree, repeats=repeats,
         baselines=baselines, num_draft=num_draft, seed=seed or 0, tune=tune, tune_data=tune_data,
-        tune_samples=tune_samples, progress=functools.partial(progress, description="bench"),
+        tune_samples=tune_samples, streams=streams, progress=functools.partial(progress, description="bench"),
         status=functools.partial(status, quiet=quiet),
     )
     if quiet:

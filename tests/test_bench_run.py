@@ -154,3 +154,21 @@ def test_mlx_lm_baselines_run_on_our_stream():
     for fn in (generate_step, speculative_generate_step):
         assert _on_our_stream(fn) == {"stream": mx.default_stream(mx.default_device())}
     assert _on_our_stream(lambda prompt, model: None) == {}
+
+
+def test_bench_attaches_streams_to_another_copy_of_their_base(tmp_path, capsys):
+    """--streams: the streams of a float model benchmarked on its 4-bit copy, losslessly."""
+    from test_loading_sources import SPEC, _quantized_plain_copy
+
+    streams_dir = write_tiny_model_dir(tmp_path / "float", "llama", spec=SPEC, hidden_size=64)
+    q_dir = _quantized_plain_copy(streams_dir, tmp_path / "q4")
+    data = write_jsonl(tmp_path / "g.jsonl", [{"prompt": "abc abc abc", "reference": "abc"}])
+    code, out, err = run(capsys, "bench", "--model", str(q_dir), "--streams", str(streams_dir), "--data", str(data),
+                         "--max-tokens", "16", "--repeats", "1", "--tree", "2,1", "--json", "-")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["settings"]["num_streams"] == 3 and r["settings"]["streams"] == str(streams_dir)
+    assert r["identical_fraction"] == 1.0 and r["tokens_per_step"] >= 1.0
+    code, _, err = run(capsys, "bench", "--model", str(q_dir), "--streams", str(streams_dir), "--data", str(data),
+                       "--tune")
+    assert code != 0 and "--streams" in err and not err.count("\n") > 1

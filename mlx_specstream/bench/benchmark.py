@@ -44,10 +44,14 @@ def run_bench(
     tune: bool = False,
     tune_data: Optional[str | os.PathLike] = None,
     tune_samples: int = 8,
+    streams: Optional[str | os.PathLike] = None,
     progress: Optional[Callable[[Iterable], Iterable]] = None,
     status: Optional[Callable[[str], object]] = None,
 ) -> dict:
     """Benchmark ``model`` (default: the demo model) on ``data``; see the module docstring for the result.
+
+    ``streams``: a directory or hub id whose streams, trained on this model's base, are attached
+    (e.g. streams trained on the float model, benchmarked on its 4-bit copy).
 
     ``tune`` first picks the tree (:mod:`.tune`) on ``tune_samples`` prompts of ``tune_data``
     (default: ``data``), saves it as the model's default tree, and benchmarks with it.
@@ -58,6 +62,9 @@ def run_bench(
         raise ValueError("--max-tokens, --repeats and --num-draft must be >= 1.")
     if tune and tree is not None:
         raise ValueError("--tune chooses the tree itself; drop --tree (or drop --tune).")
+    if tune and streams is not None:
+        raise ValueError("--tune saves the tree into the model directory that holds the streams; with --streams "
+                         "pass --tree instead (or copy the streams into the model's directory and tune that).")
     if tree is not None:
         parse_tree_spec(tree)
     sampling = SamplingParams(temp=temp)
@@ -71,7 +78,7 @@ def run_bench(
     phase = status or (lambda message: contextlib.nullcontext())
 
     with phase(f"Loading {model_dir}"):
-        mdl, tokenizer = load(model_dir)
+        mdl, tokenizer = load(model_dir, streams=streams)
     resolve_tree(mdl, tree)  # depth vs streams: a clear error before any timing
     eos = set(tokenizer.eos_token_ids)
     prompts = [encode_prompt(tokenizer, bench_prompt(mdl, ex, bench_data)) for ex in bench_data.examples]
@@ -120,7 +127,8 @@ def run_bench(
         ],
         "modes": stats,
         "settings": dict(
-            model=str(model_dir), data=str(data), format=bench_data.format, metric=bench_data.metric,
+            model=str(model_dir), streams=str(streams) if streams is not None else None, data=str(data),
+            format=bench_data.format, metric=bench_data.metric,
             max_tokens=max_tokens, temp=temp, repeats=repeats, seed=seed, num_draft=num_draft,
             tree=_tree_text(mdl, tree),
             tree_size=used_tree.size if used_tree is not None else 1, num_streams=mdl.num_streams,
