@@ -65,7 +65,9 @@ def _reference_loss(model, ids, labels, counts, prune_weight=0.1):
     tgt = stream_targets(labels, model.num_streams)
     weights = model.spec.weights()
     total = mx.array(0.0)
-    parts = [("main", main, tgt[..., 0], weights[0]), ("prune", prune, tgt[..., 0], prune_weight)]
+    parts = [("main", main, tgt[..., 0], weights[0])]
+    if prune is not None:
+        parts.append(("prune", prune, tgt[..., 0], prune_weight))
     parts += [(f"stream{j}", streams[:, :, j - 1], tgt[..., j], weights[j]) for j in range(1, model.num_streams + 1)]
     for name, logits, y, w in parts:
         valid = y != IGNORE_INDEX

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_mlx_train import _batch, _write_data
+from test_mlx_train import _batch, _reference_loss, _write_data
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,24 +15,9 @@ from mlx_specstream.config import SpecStreamConfig
 from mlx_specstream.generate import generate_step
 from mlx_specstream.loading import load_model, save_model
 from mlx_specstream.mlx_train import Options, batch_loss, count_targets, train
-from mlx_specstream.mlx_train.data import IGNORE_INDEX, stream_targets
 from mlx_specstream.mlx_train.params import canonical_names
 from mlx_specstream.mlx_train.shared import attach_shared_lora, freeze_for_shared
 from mlx_specstream.testing import random_model, tiny_config, write_tiny_model_dir, write_tiny_tokenizer
-
-
-def _reference_loss(model, ids, labels, counts):
-    main, streams, _ = model.all_logits(mx.array(ids))
-    tgt = stream_targets(labels, model.num_streams)
-    weights = model.spec.weights()
-    total = mx.array(0.0)
-    parts = [("main", main, tgt[..., 0], weights[0])]
-    parts += [(f"stream{j}", streams[:, :, j - 1], tgt[..., j], weights[j]) for j in range(1, model.num_streams + 1)]
-    for name, logits, y, w in parts:
-        valid = y != IGNORE_INDEX
-        ce = nn.losses.cross_entropy(logits, mx.array(np.where(valid, y, 0)))
-        total = total + w * (ce * mx.array(valid)).sum() / counts[name]
-    return total
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
