@@ -3,7 +3,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from _support import chain, markov_model, run_tokens
+from _support import chain, markov_model
 
 from mlx_specstream.cache import KVCache, make_cache
 from mlx_specstream.config import PruningConfig, SpecStreamConfig

@@ -15,7 +15,7 @@ from mlx_specstream.config import SpecStreamConfig
 from mlx_specstream.generate import generate_step
 from mlx_specstream.loading import save_model
 from mlx_specstream.lookup import PromptLookup
-from mlx_specstream.testing import random_model, tiny_config, write_tiny_model_dir
+from mlx_specstream.testing import random_model, write_tiny_model_dir
 
 SPEC = SpecStreamConfig(num_streams=3, num_msa_layers=2, default_tree="2,1,1")
 
