@@ -125,6 +125,19 @@ def _chat_messages(p: Path, n: int, messages: Any) -> tuple[dict[str, str], ...]
     return tuple(out)
 
 
+def row_example(obj: dict[str, Any]) -> Example:
+    """The :class:`Example` of one well-formed JSONL row: ``{"prompt", "completion"}`` or
+    ``{"messages": [...]}`` ending with the assistant's reply; ``"finish_reason": "length"``
+    (a ``specstream distill`` reply cut at ``--max-tokens``) makes it unfinished (``ends=False``).
+    Other keys are ignored."""
+    ends = obj.get("finish_reason") != "length"
+    if "messages" in obj:
+        msgs = tuple({"role": m["role"], "content": m["content"]} for m in obj["messages"])
+        return Example(prompt="", completion=msgs[-1]["content"], messages=msgs, ends=ends)
+    return Example(prompt=obj["prompt"], completion=obj["completion"], input=obj["prompt"],
+                   references=(obj["completion"],), ends=ends)
+
+
 def read_jsonl(path: str | os.PathLike, *, limit: Optional[int] = None) -> Dataset:
     """Read ``{"prompt", "completion"}`` or ``{"messages": [...]}`` lines (not mixed).
 
@@ -139,19 +152,16 @@ def read_jsonl(path: str | os.PathLike, *, limit: Optional[int] = None) -> Datas
     for n, obj in iter_jsonl(p):
         if limit is not None and len(examples) >= limit:
             break
-        ends = obj.get("finish_reason") != "length"  # specstream distill's rows cut at --max-tokens
         if "messages" in obj:
             this = "chat"
-            msgs = _chat_messages(p, n, obj["messages"])
-            ex = Example(prompt="", completion=msgs[-1]["content"], messages=msgs, ends=ends)
+            ex = row_example(dict(obj, messages=_chat_messages(p, n, obj["messages"])))
         elif "prompt" in obj and "completion" in obj:
             this = "jsonl"
             if not (isinstance(obj["prompt"], str) and isinstance(obj["completion"], str)):
                 raise ValueError(f"{p} line {n}: 'prompt' and 'completion' must be strings.")
             if not obj["completion"]:
                 raise ValueError(f"{p} line {n}: 'completion' is empty; there is nothing to train on.")
-            ex = Example(prompt=obj["prompt"], completion=obj["completion"], input=obj["prompt"],
-                         references=(obj["completion"],), ends=ends)
+            ex = row_example(obj)
         else:
             raise ValueError(
                 f"{p} line {n}: expected keys 'prompt' and 'completion', or 'messages'; got {sorted(obj)}."

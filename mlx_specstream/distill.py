@@ -12,7 +12,8 @@
   can be distilled again.
 
 **Exactness.** Lossless training should see the tokens the model generated, but the trainer
-re-tokenizes text (:mod:`mlx_specstream.train_common.data`: prompt ids, completion ids, then EOS).
+re-tokenizes text (:mod:`mlx_specstream.train_common.data`: prompt ids, completion ids, then EOS
+if the reply is finished).
 A row is ``"exact"`` when that tokenization gives the prompt's ids followed by exactly the
 generated ids and, if the model stopped, its stop token (the chat template may add its own
 tokens after that). Text is decoded in context (the prompt's decoding is cut off the
@@ -22,7 +23,7 @@ kept with ``"exact": false`` and counted, or with ``exact_only`` moved to the re
 ``<output stem>.rejected.jsonl``. That file also takes rows the trainer cannot read at all:
 an empty completion of a prompt row, a chat template that does not render the prompt as a
 prefix of the whole conversation. Rows of ``"finish_reason": "length"`` were cut at
-``max_tokens``: the trainer still appends EOS to them.
+``max_tokens``: the trainer appends no EOS (nor a chat template's end of turn) to them.
 
 **Batching.** MLX: mlx-lm's continuous batching (:class:`mlx_lm.generate.BatchGenerator`) on
 mlx-lm's own model (``model.base``; streams play no part): in float32 its greedy output
@@ -45,7 +46,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
-from .datasets import Example, format_prompt, iter_jsonl
+from .datasets import format_prompt, iter_jsonl, row_example
 from .prompting import TEMPLATE_KEY, prompt_template
 from .sampling import SamplingParams
 from .train_common.data import training_ids as trainer_ids
@@ -147,13 +148,7 @@ def training_ids(tokenizer: Any, row: dict) -> tuple[list[int], list[int]]:
     """``(prompt ids, completion ids)`` of an output row as the trainer tokenizes it (EOS appended
     unless ``"finish_reason"`` is ``"length"``; :func:`mlx_specstream.train_common.data.training_ids`).
     Raises ValueError where the trainer would."""
-    ends = row.get("finish_reason") != "length"
-    if "messages" in row:
-        ex = Example(prompt="", completion=row["messages"][-1]["content"], messages=tuple(row["messages"]),
-                     ends=ends)
-    else:
-        ex = Example(prompt=row["prompt"], completion=row["completion"], ends=ends)
-    return trainer_ids(tokenizer, ex)
+    return trainer_ids(tokenizer, row_example(row))
 
 
 def _make_job(tokenizer: Any, item: PromptRow, template: Optional[str], where: str) -> _Job:

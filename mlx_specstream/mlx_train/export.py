@@ -34,7 +34,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, overwrite: 
     if not Path(args.model).is_dir():
         raise FileNotFoundError(f"The run's base model {args.model} is gone; the checkpoint holds only the "
                                 "trained tensors.")
-    if Path(output).exists() and not overwrite:
+    if Path(output).exists() and not overwrite:  # before building the model; write_model_dir checks again
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it.")
     model, _ = build_for_training(args)
     ckpt.load_trainable(ck, model)

@@ -105,8 +105,7 @@ def step_gradients(model: SpecStreamModel, micro_batches: list[tuple], opts: Opt
     for ids, labels in micro_batches:
         part, sums, g = batch_loss(model, ids, labels, counts, opts)
         loss += part.item()
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + v.item()
+        add_into(totals, {k: v.item() for k, v in sums.items()})
         if g is not None:
             grads = g if grads is None else tree_map(lambda x, y: x + y, grads, g)
     return loss, totals, counts, grads

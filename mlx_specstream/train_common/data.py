@@ -2,8 +2,9 @@
 
 Each :class:`~mlx_specstream.datasets.Example` becomes ``input_ids`` plus ``labels`` (the
 token id at completion tokens, :data:`IGNORE_INDEX` at prompt tokens). The prompt is
-tokenized exactly as inference will tokenize it (special tokens, i.e. BOS, added); the
-completion ends with EOS so the model learns to stop. Batches group examples of similar
+tokenized exactly as inference will tokenize it (special tokens, i.e. BOS, added); a finished
+completion ends with EOS so the model learns to stop (a reply cut at a token limit does not,
+:attr:`~mlx_specstream.datasets.Example.ends`). Batches group examples of similar
 length (bucketing), so time is not spent on padding; with a token budget (``--batch-tokens``)
 each batch takes as many similar-length examples as fit the budget, so every batch is about
 equally full (many short examples, or a few long ones) and a GPU is neither idle on short

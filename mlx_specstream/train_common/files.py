@@ -128,7 +128,7 @@ def read_checkpoint(checkpoint: Path, needs: tuple[str, ...]) -> tuple[dict[str,
     state_file = ck / "state.json"
     if not state_file.is_file() or not all((ck / n).is_file() for n in needs):
         raise FileNotFoundError(
-            f"{ck} is not a training checkpoint (no state.json / {' / '.join(needs)}); pass a "
+            f"{ck} is not a training checkpoint (no {' / '.join(('state.json',) + tuple(needs))}); pass a "
             "step-NNNNNNNN directory from the run's .checkpoints folder.")
     state = json.loads(state_file.read_text())
     return state, dict(state.get("fingerprint", {}))
@@ -136,11 +136,7 @@ def read_checkpoint(checkpoint: Path, needs: tuple[str, ...]) -> tuple[dict[str,
 
 def checkpoint_backend(checkpoint: Path) -> str:
     """``"mlx"`` or ``"torch"``: which trainer wrote a checkpoint directory."""
-    state_file = Path(checkpoint) / "state.json"
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a training checkpoint (no state.json); pass a "
-                                "step-NNNNNNNN directory from the run's .checkpoints folder.")
-    return json.loads(state_file.read_text()).get("fingerprint", {}).get("backend", "torch")
+    return read_checkpoint(checkpoint, ())[1].get("backend", "torch")
 
 
 def exported_records(args: Any, state: dict[str, Any], checkpoint: Path, template: Optional[str],
