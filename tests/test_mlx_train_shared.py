@@ -4,9 +4,8 @@ writes a directory whose speculative greedy output equals its plain greedy outpu
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from test_mlx_train import _batch, _reference_loss, _write_data
+from test_mlx_train import _batch, _write_data, assert_chunked_equals_whole_sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,8 +13,7 @@ import mlx.nn as nn
 from mlx_specstream.config import SpecStreamConfig
 from mlx_specstream.generate import generate_step
 from mlx_specstream.loading import load_model, save_model
-from mlx_specstream.mlx_train import Options, batch_loss, count_targets, train
-from mlx_specstream.mlx_train.params import canonical_names
+from mlx_specstream.mlx_train import Options, count_targets, train
 from mlx_specstream.mlx_train.shared import attach_shared_lora, freeze_for_shared
 from mlx_specstream.testing import random_model, tiny_config, write_tiny_model_dir, write_tiny_tokenizer
 
@@ -31,18 +29,9 @@ def test_shared_gradients_equal_whole_sequence_loss(family):
     freeze_for_shared(model)
     ids, labels = _batch(20)
     counts = count_targets([labels], model.num_streams, False)
-    want_loss, want = nn.value_and_grad(model, lambda m: _reference_loss(m, ids, labels, counts))(model)
-    want = canonical_names(model, want)
-    for opts in (Options(chunk_size=4, prefill_chunk=8), Options(chunk_size=7, head_rows=9, grad_checkpoint=True)):
-        loss, metrics, grads = batch_loss(model, ids, labels, counts, opts)
-        assert abs(loss.item() - want_loss.item()) < 1e-5
-        got = canonical_names(model, grads)
-        assert set(got) == set(want)
-        for k in want:
-            scale = float(mx.abs(want[k]).max())
-            assert scale > 0, k
-            np.testing.assert_allclose(np.array(got[k]), np.array(want[k]), rtol=0, atol=1e-5 * max(1.0, scale),
-                                       err_msg=k)
+    assert_chunked_equals_whole_sequence(
+        model, ids, labels, counts,
+        (Options(chunk_size=4, prefill_chunk=8), Options(chunk_size=7, head_rows=9, grad_checkpoint=True)))
 
 
 def test_shared_run_trains_both_streams_and_fuses_lora(tmp_path):
