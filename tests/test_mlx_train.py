@@ -212,14 +212,19 @@ def test_resume_continues_exactly(trained, tmp_path, monkeypatch):
         train(base, data, tmp_path / "b", **kw)
 
 
-def test_four_bit_base_trains(tmp_path):
-    config = tiny_config("llama", hidden_size=64, num_hidden_layers=3)
+def four_bit_base(tmp_path, num_hidden_layers: int):
+    """A random 4-bit llama model directory (group size 32) with the tiny tokenizer, at tmp_path/q4."""
+    config = tiny_config("llama", hidden_size=64, num_hidden_layers=num_hidden_layers)
     model = random_model(config, None, seed=0)
     nn.quantize(model.base, group_size=32, bits=4)
     tok = tmp_path / "tok"
     tok.mkdir()
     write_tiny_tokenizer(tok)
-    base = save_model(model, config, tmp_path / "q4", tokenizer_dir=tok, quantization={"group_size": 32, "bits": 4})
+    return save_model(model, config, tmp_path / "q4", tokenizer_dir=tok, quantization={"group_size": 32, "bits": 4})
+
+
+def test_four_bit_base_trains(tmp_path):
+    base = four_bit_base(tmp_path, 3)
     data = _write_data(tmp_path / "train.jsonl")
     result = train(base, data, tmp_path / "out", mode="lossless", streams=2, msa_layers=1, lora_rank=4,
                    epochs=3, lr=1e-2, batch_size=4, eval_examples=4, progress=False)

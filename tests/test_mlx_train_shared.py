@@ -5,17 +5,16 @@ writes a directory whose speculative greedy output equals its plain greedy outpu
 from __future__ import annotations
 
 import pytest
-from test_mlx_train import _batch, _write_data, assert_chunked_equals_whole_sequence
+from test_mlx_train import _batch, _write_data, assert_chunked_equals_whole_sequence, four_bit_base
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from mlx_specstream.config import SpecStreamConfig
 from mlx_specstream.generate import generate_step
-from mlx_specstream.loading import load_model, save_model
+from mlx_specstream.loading import load_model
 from mlx_specstream.mlx_train import Options, count_targets, train
 from mlx_specstream.mlx_train.shared import attach_shared_lora, freeze_for_shared
-from mlx_specstream.testing import random_model, tiny_config, write_tiny_model_dir, write_tiny_tokenizer
+from mlx_specstream.testing import random_model, tiny_config, write_tiny_model_dir
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
@@ -57,13 +56,7 @@ def test_shared_run_trains_both_streams_and_fuses_lora(tmp_path):
 
 
 def test_shared_mode_refuses_a_quantized_base_and_full_fine_tuning(tmp_path):
-    config = tiny_config("llama", hidden_size=64, num_hidden_layers=2)
-    model = random_model(config, None, seed=0)
-    nn.quantize(model.base, group_size=32, bits=4)
-    tok = tmp_path / "tok"
-    tok.mkdir()
-    write_tiny_tokenizer(tok)
-    base = save_model(model, config, tmp_path / "q4", tokenizer_dir=tok, quantization={"group_size": 32, "bits": 4})
+    base = four_bit_base(tmp_path, 2)
     data = _write_data(tmp_path / "train.jsonl", n=8)
     with pytest.raises(ValueError, match="float base"):
         train(base, data, tmp_path / "out", mode="shared", streams=2, msa_layers=1, progress=False)
